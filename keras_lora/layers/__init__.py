@@ -1,0 +1,26 @@
+"""LoRA layers and the table that maps a base layer type to its LoRA type."""
+
+import keras
+
+from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.dense import LoRADense
+from keras_lora.layers.einsum_dense import LoRAEinsumDense
+
+# First match wins; a new layer type adds a row here, nothing else changes.
+LORA_LAYER_FOR = (
+    (keras.layers.EinsumDense, LoRAEinsumDense),
+    (keras.layers.Dense, LoRADense),
+)
+
+
+def lora_class_for(layer):
+    """Returns the LoRA class that adapts `layer`, or `None`."""
+    for base_class, lora_class in LORA_LAYER_FOR:
+        if isinstance(layer, base_class):
+            return lora_class
+    return None
+
+
+def supported_types():
+    """Names of the layer types keras-lora can adapt."""
+    return [base.__name__ for base, _ in LORA_LAYER_FOR]

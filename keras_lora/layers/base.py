@@ -1,0 +1,400 @@
+"""What every LoRA layer shares: adapters, scaling, dropout, merge, config."""
+
+import math
+
+import keras
+from keras import initializers
+from keras import ops
+
+from keras_lora import config as lora_config
+
+
+class LoRALayer(keras.layers.Layer):
+    """Base class of LoRA layers: a frozen base layer plus a low-rank update.
+
+    A LoRA layer holds a built (or buildable) base layer and computes
+
+    `activation(base_preactivation(x) + scaling * (dropout(x) · A) · B)`
+
+    without ever forming `W + A·B`: the update is applied in factored form,
+    so a training step needs no gradient with respect to the full kernel.
+    Subclasses describe the kernel's geometry (which axes are contracted and
+    which are free) and how the base and the low-rank path are computed.
+
+    The base layer's variables are used as they are (never copied) and are
+    frozen; only `lora_a` and `lora_b` (and, with `train_bias=True`, the
+    bias) are trainable. Adapters are float32 under every dtype policy.
+
+    Args:
+        base_layer: the layer to adapt, an instance of `base_layer_class`.
+        rank: positive int, the rank `r` of the update.
+        alpha: positive float, the LoRA alpha; defaults to `rank`.
+        dropout: float in [0, 1), dropout on the LoRA path's input.
+        use_rslora: use `alpha / sqrt(rank)` as scaling (rank-stabilized
+            LoRA) instead of `alpha / rank`.
+        lora_a_initializer: initializer of `lora_a`, He-uniform by default.
+        lora_b_initializer: initializer of `lora_b`, zeros by default, so
+            a fresh adapter leaves the base output unchanged.
+        train_bias: whether the base layer's bias stays trainable.
+        **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`).
+    """
+
+    base_layer_class = None
+
+    def __init__(
+        self,
+        base_layer,
+        rank=8,
+        alpha=None,
+        dropout=0.0,
+        use_rslora=False,
+        lora_a_initializer="he_uniform",
+        lora_b_initializer="zeros",
+        train_bias=False,
+        adapter_enabled=True,
+        merged=False,
+        **kwargs,
+    ):
+        # Validate everything before touching `base_layer`.
+        where = f"{type(self).__name__}: "
+        self._check_base_layer(base_layer)
+        where = f"{type(self).__name__} for layer '{base_layer.name}': "
+        rank = lora_config.validate_rank(rank, where)
+        alpha = lora_config.validate_alpha(alpha, rank, where)
+        dropout = lora_config.validate_dropout(dropout, where)
+        if base_layer.built:
+            self._check_rank_fits(base_layer, rank)
+        kwargs.setdefault("name", base_layer.name)
+        kwargs.setdefault("dtype", base_layer.dtype_policy)
+        super().__init__(**kwargs)
+        self.base_layer = base_layer
+        self.rank = rank
+        self.alpha = alpha
+        self.dropout = dropout
+        self.use_rslora = bool(use_rslora)
+        self.lora_a_initializer = initializers.get(lora_a_initializer)
+        self.lora_b_initializer = initializers.get(lora_b_initializer)
+        self.train_bias = bool(train_bias)
+        self.adapter_enabled = bool(adapter_enabled)
+        self.merged = bool(merged)
+        self.seed_generator = (
+            keras.random.SeedGenerator() if self.dropout > 0 else None
+        )
+        self.lora_a = None
+        self.lora_b = None
+        self._freeze_base()
+        if base_layer.built:
+            self._create_adapters()
+            self.built = True
+
+    @classmethod
+    def from_layer(cls, layer, rank=8, **kwargs):
+        """Adapts a built base layer, sharing its variables (no copy).
+
+        Args:
+            layer: a built instance of `base_layer_class`.
+            rank: positive int, the adapter rank.
+            **kwargs: the other LoRA arguments (`alpha`, `dropout`, ...).
+
+        Returns:
+            A LoRA layer that computes exactly what `layer` does while
+            `lora_b` is zero.
+        """
+        cls._check_base_layer(layer)
+        if not layer.built:
+            raise ValueError(
+                f"{cls.__name__}.from_layer() needs a built layer, but layer "
+                f"'{layer.name}' is not built. Call it on data or call "
+                "`layer.build(input_shape)` first."
+            )
+        return cls(base_layer=layer, rank=rank, **kwargs)
+
+    # Geometry, supplied by subclasses ------------------------------------
+
+    @classmethod
+    def _kernel_split(cls, base_layer):
+        """Returns `(contracted_shape, free_shape)` of the base kernel."""
+        raise NotImplementedError
+
+    def _base_preactivation(self, inputs):
+        raise NotImplementedError
+
+    def _lora_output(self, inputs, lora_a, lora_b):
+        """Computes `(inputs · A) · B` in factored form."""
+        raise NotImplementedError
+
+    def _delta_kernel(self, lora_a, lora_b):
+        """Returns `A·B` laid out like the base kernel."""
+        raise NotImplementedError
+
+    # Checks ---------------------------------------------------------------
+
+    @classmethod
+    def _check_base_layer(cls, layer):
+        if not isinstance(layer, cls.base_layer_class):
+            raise TypeError(
+                f"{cls.__name__} adapts `{cls.base_layer_class.__name__}` "
+                f"layers. Received: layer '{getattr(layer, 'name', layer)}' "
+                f"of type {type(layer).__name__}"
+            )
+        if getattr(layer, "lora_enabled", False):
+            raise ValueError(
+                f"Layer '{layer.name}' already has Keras's built-in LoRA "
+                "enabled (`enable_lora`). Use a layer without it."
+            )
+        if getattr(layer, "quantization_mode", None) is not None:
+            raise ValueError(
+                f"Layer '{layer.name}' is quantized "
+                f"(quantization_mode={layer.quantization_mode!r}); "
+                "keras-lora adapts float layers only."
+            )
+
+    @classmethod
+    def _check_rank_fits(cls, base_layer, rank):
+        contracted, free = cls._kernel_split(base_layer)
+        d_in, d_out = math.prod(contracted), math.prod(free)
+        if rank > min(d_in, d_out):
+            raise ValueError(
+                f"{cls.__name__} for layer '{base_layer.name}': rank={rank} "
+                f"exceeds the smaller of the kernel's contracted size "
+                f"({d_in}) and free size ({d_out})."
+            )
+
+    # State ----------------------------------------------------------------
+
+    def _freeze_base(self):
+        self.base_layer.trainable = False
+        bias = getattr(self.base_layer, "bias", None)
+        if self.train_bias and bias is not None:
+            bias.trainable = True
+
+    def _create_adapters(self):
+        contracted, free = self._kernel_split(self.base_layer)
+        # Create the adapters beside the base kernel so their paths read
+        # ".../<layer>/lora_a" and a LayoutMap sees where they belong.
+        kernel_path = self.base_layer.kernel.path
+        parts = kernel_path.split("/")[:-2]
+        scope = (
+            keras.name_scope(parts[-1], override_parent="/".join(parts[:-1]))
+            if parts
+            else _NullScope()
+        )
+        with scope:
+            self.lora_a = self.add_weight(
+                name="lora_a",
+                shape=tuple(contracted) + (self.rank,),
+                initializer=self.lora_a_initializer,
+                dtype="float32",
+                trainable=True,
+            )
+            self.lora_b = self.add_weight(
+                name="lora_b",
+                shape=(self.rank,) + tuple(free),
+                initializer=self.lora_b_initializer,
+                dtype="float32",
+                trainable=True,
+            )
+
+    def build(self, input_shape):
+        if not self.base_layer.built:
+            self.base_layer.build(input_shape)
+        self._check_rank_fits(self.base_layer, self.rank)
+        self._freeze_base()
+        self._create_adapters()
+
+    def get_build_config(self):
+        return self.base_layer.get_build_config()
+
+    def build_from_config(self, config):
+        if config and not self.built:
+            self.build(config["input_shape"])
+
+    # Compute --------------------------------------------------------------
+
+    @property
+    def scaling(self):
+        """The factor applied to `A·B`."""
+        return lora_config.scaling_for(self.rank, self.alpha, self.use_rslora)
+
+    @property
+    def kernel(self):
+        """The base layer's (frozen) kernel variable."""
+        return self.base_layer.kernel
+
+    @property
+    def bias(self):
+        """The base layer's bias variable, or `None`."""
+        return self.base_layer.bias
+
+    def call(self, inputs, training=None):
+        outputs = self._base_preactivation(inputs)
+        if self.adapter_enabled and not self.merged:
+            x = inputs
+            if training and self.dropout > 0:
+                x = keras.random.dropout(
+                    x, self.dropout, seed=self.seed_generator
+                )
+            lora_a = self._in_compute_dtype(self.lora_a, x)
+            lora_b = self._in_compute_dtype(self.lora_b, x)
+            outputs = ops.add(
+                outputs, self._lora_output(x, lora_a, lora_b)
+            )
+        activation = self.base_layer.activation
+        if activation is not None:
+            outputs = activation(outputs)
+        return outputs
+
+    def _in_compute_dtype(self, variable, x):
+        value = ops.convert_to_tensor(variable)
+        if keras.backend.standardize_dtype(value.dtype) != (
+            keras.backend.standardize_dtype(x.dtype)
+        ):
+            value = ops.cast(value, x.dtype)
+        return value
+
+    def compute_output_shape(self, input_shape):
+        return self.base_layer.compute_output_shape(input_shape)
+
+    # Merging --------------------------------------------------------------
+
+    def delta_kernel(self):
+        """Returns `scaling · A·B` in the base kernel's shape, as float32."""
+        delta = self._delta_kernel(
+            ops.convert_to_tensor(self.lora_a.value),
+            ops.convert_to_tensor(self.lora_b.value),
+        )
+        return ops.multiply(delta, self.scaling)
+
+    def merged_kernel(self):
+        """Returns `W + scaling · A·B` in the kernel's dtype (for export).
+
+        Raises:
+            ValueError: if the update holds a NaN or an infinity.
+        """
+        delta = self._finite_delta()
+        kernel = ops.convert_to_tensor(self.base_layer.kernel.value)
+        merged = ops.add(ops.cast(kernel, "float32"), delta)
+        return ops.cast(merged, kernel.dtype)
+
+    def _finite_delta(self):
+        delta = self.delta_kernel()
+        if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(delta)))):
+            raise ValueError(
+                f"Layer '{self.name}': the LoRA update holds NaN or infinite "
+                "values; refusing to merge it into the kernel."
+            )
+        return delta
+
+    def merge(self):
+        """Folds `scaling · A·B` into the base kernel in place.
+
+        While merged, `call` skips the low-rank path, so inference costs what
+        the base layer costs. The kernel is shared with the base model, which
+        sees the merged kernel too. `unmerge()` subtracts the update again,
+        which restores the kernel up to float rounding (a few ulps).
+        """
+        if self.merged:
+            return
+        self.base_layer.kernel.assign(self.merged_kernel())
+        self.merged = True
+
+    def unmerge(self):
+        """Subtracts `scaling · A·B` from the kernel, undoing `merge()`."""
+        if not self.merged:
+            return
+        kernel = self.base_layer.kernel
+        value = ops.convert_to_tensor(kernel.value)
+        restored = ops.subtract(ops.cast(value, "float32"), self.delta_kernel())
+        kernel.assign(ops.cast(restored, value.dtype))
+        self.merged = False
+
+    def enable_adapter(self):
+        """Turns the low-rank path on (the default)."""
+        self.adapter_enabled = True
+
+    def disable_adapter(self):
+        """Turns the low-rank path off: the layer computes the base output."""
+        self.adapter_enabled = False
+
+    # Serialization --------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "base_layer": keras.saving.serialize_keras_object(
+                    self.base_layer
+                ),
+                "rank": self.rank,
+                "alpha": self.alpha,
+                "dropout": self.dropout,
+                "use_rslora": self.use_rslora,
+                "lora_a_initializer": initializers.serialize(
+                    self.lora_a_initializer
+                ),
+                "lora_b_initializer": initializers.serialize(
+                    self.lora_b_initializer
+                ),
+                "train_bias": self.train_bias,
+                "adapter_enabled": self.adapter_enabled,
+                "merged": self.merged,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["base_layer"] = keras.saving.deserialize_keras_object(
+            config["base_layer"]
+        )
+        return cls(**config)
+
+
+class _NullScope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+# Arguments that belong to the wrapper itself, not to the base layer.
+_WRAPPER_ONLY = ("trainable", "adapter_enabled", "merged")
+
+
+def base_from_arguments(base_class, base_layer, base_args, kwargs, who):
+    """Builds the base layer of a drop-in LoRA layer, or checks `base_layer`.
+
+    Args:
+        base_class: the Keras layer class to build.
+        base_layer: an existing layer, or `None` to build one.
+        base_args: the new layer's positional arguments (all `None` when
+            `base_layer` is given).
+        kwargs: the remaining keyword arguments.
+        who: the LoRA class name, for error messages.
+
+    Returns:
+        `(base_layer, wrapper_kwargs)`.
+    """
+    wrapper_kwargs = {k: kwargs.pop(k) for k in _WRAPPER_ONLY if k in kwargs}
+    given = [a for a in base_args if a is not None]
+    if base_layer is not None:
+        extra = sorted(set(kwargs) - {"name", "dtype"})
+        if given or extra:
+            raise ValueError(
+                f"{who}: pass either `base_layer` or the arguments of a new "
+                f"`{base_class.__name__}`, not both. Received: "
+                f"{given + extra}"
+            )
+        wrapper_kwargs.update(kwargs)
+        return base_layer, wrapper_kwargs
+    if len(given) != len(base_args):
+        raise ValueError(
+            f"{who} needs the positional arguments of a "
+            f"`{base_class.__name__}` or an existing `base_layer`."
+        )
+    for name in ("name", "dtype"):
+        if name in kwargs:
+            wrapper_kwargs[name] = kwargs[name]
+    return base_class(*base_args, **kwargs), wrapper_kwargs
