@@ -1,24 +1,63 @@
 """Validation of the numbers that define one LoRA adaptation."""
 
 import math
+import numbers
+
+
+def _is_number(value, kind):
+    # `True` is an `Integral` too, but `rank=True` is always a mistake.
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def validate_rank(rank, where=""):
-    """Returns `rank` if it is a positive integer, else raises `ValueError`."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    """Returns `rank` as an int if it is a positive integer.
+
+    Args:
+        rank: the value to check; Python and NumPy integers are accepted,
+            booleans and floats (even `2.0`) are not.
+        where: a prefix for the error message naming the layer.
+
+    Returns:
+        `rank` as a Python int.
+
+    Raises:
+        ValueError: if `rank` is not a positive integer.
+
+    Example:
+
+    >>> validate_rank(8)
+    8
+    """
+    if not _is_number(rank, numbers.Integral) or rank < 1:
         raise ValueError(
             f"{where}`rank` must be a positive integer. Received: rank={rank!r}"
         )
-    return rank
+    return int(rank)
 
 
 def validate_alpha(alpha, rank, where=""):
-    """Returns `alpha` as a float (defaulting to `rank`) if it is positive."""
+    """Returns `alpha` as a float (defaulting to `rank`) if it is positive.
+
+    Args:
+        alpha: a positive finite number, or `None` for `rank`.
+        rank: the (validated) adapter rank.
+        where: a prefix for the error message naming the layer.
+
+    Returns:
+        A Python float.
+
+    Raises:
+        ValueError: if `alpha` is not a positive finite number.
+
+    Example:
+
+    >>> validate_alpha(None, 8)
+    8.0
+    """
     if alpha is None:
         return float(rank)
     if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
+        not _is_number(alpha, numbers.Real)
         or not math.isfinite(alpha)
         or alpha <= 0
     ):
@@ -29,12 +68,24 @@ def validate_alpha(alpha, rank, where=""):
 
 
 def validate_dropout(dropout, where=""):
-    """Returns `dropout` as a float if it lies in [0, 1)."""
-    if (
-        isinstance(dropout, bool)
-        or not isinstance(dropout, (int, float))
-        or not 0.0 <= dropout < 1.0
-    ):
+    """Returns `dropout` as a float if it lies in [0, 1).
+
+    Args:
+        dropout: the dropout rate of the LoRA path's input.
+        where: a prefix for the error message naming the layer.
+
+    Returns:
+        A Python float.
+
+    Raises:
+        ValueError: if `dropout` is not a number in [0, 1).
+
+    Example:
+
+    >>> validate_dropout(0.1)
+    0.1
+    """
+    if not _is_number(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(
             f"{where}`dropout` must be a number in [0, 1). "
             f"Received: dropout={dropout!r}"

@@ -165,8 +165,31 @@ class LoRALayer(keras.layers.Layer):
     def _freeze_base(self):
         self.base_layer.trainable = False
         bias = getattr(self.base_layer, "bias", None)
-        if self.train_bias and bias is not None:
+        if self.train_bias and self._trainable and bias is not None:
             bias.trainable = True
+
+    @property
+    def trainable(self):
+        """Whether the adapters (and a `train_bias` bias) are trainable.
+
+        Setting it never unfreezes the base kernel: Keras's own setter would
+        cascade to the base layer, so `model.trainable = True` after freezing
+        a backbone would silently turn LoRA into full fine-tuning.
+        """
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value):
+        self._trainable = bool(value)
+        # Keras may set `trainable` before `__init__` has stored anything.
+        for variable in (
+            getattr(self, "lora_a", None),
+            getattr(self, "lora_b", None),
+        ):
+            if variable is not None:
+                variable.trainable = self._trainable
+        if getattr(self, "base_layer", None) is not None:
+            self._freeze_base()
 
     def _create_adapters(self):
         contracted, free = self._kernel_split(self.base_layer)
@@ -197,6 +220,12 @@ class LoRALayer(keras.layers.Layer):
 
     def build(self, input_shape):
         if not self.base_layer.built:
+            # Build the base beside the wrapper, not inside its name scope,
+            # so its kernel is "<parent>/dense/kernel" as for a plain Dense
+            # (not ".../dense/dense/kernel"), whether the layer was made
+            # drop-in, from a config or loaded from a `.keras` file.
+            if self.base_layer._parent_path is None:
+                self.base_layer._parent_path = self._parent_path
             self.base_layer.build(input_shape)
         self._check_rank_fits(self.base_layer, self.rank)
         self._freeze_base()

@@ -165,7 +165,6 @@ class LoRAEinsumDense(LoRALayer):
             kwargs,
             "LoRAEinsumDense",
         )
-        self._split = split_equation(base_layer.equation)
         super().__init__(
             base_layer,
             rank=rank,
@@ -177,6 +176,7 @@ class LoRAEinsumDense(LoRALayer):
             train_bias=train_bias,
             **kwargs,
         )
+        self._split = split_equation(base_layer.equation)
 
     @property
     def equation(self):
