@@ -188,8 +188,13 @@ def _select(entries, patterns, argument, expand=False):
     """The entries matched by `patterns`; each pattern must match one."""
     chosen = collections.OrderedDict()
     for pattern in patterns:
+        candidates = entries.values()
+        if expand and not targeting.is_exact(pattern):
+            # Globs, regexes, classes and callables pick adaptable layers
+            # only (a callable never sees a layer it could not target).
+            candidates = [e for e in candidates if lora_class_for(e.layer)]
         found = [
-            e for e in entries.values()
+            e for e in candidates
             if targeting.matches(pattern, e.path, e.layer)
         ]
         if expand:
@@ -212,8 +217,6 @@ def _expand_targets(entries, pattern, found):
         if lora_class_for(entry.layer):
             result.append(entry)
             continue
-        if not targeting.is_exact(pattern):
-            continue  # globs, regexes, classes, callables pick what fits
         inner = [
             e for e in entries.values()
             if e.path.startswith(entry.path + "/") and lora_class_for(e.layer)
