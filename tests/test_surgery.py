@@ -419,3 +419,21 @@ def test_unbuilt_model_raises():
     with pytest.raises(ValueError, match="needs a built model"):
         keras_lora.apply_lora(model, rank=RANK)
     assert isinstance(model.layers[0], layers.Dense)
+
+
+def test_weights_checkpoint_round_trips_lora_inside_custom_layers(tmp_path):
+    # `.weights.h5` files follow the live structure, so they also cover LoRA
+    # layers swapped inside other layers (a full `.keras` file re-creates
+    # those parents from their own code, without LoRA).
+    model, x = subclassed()
+    keras_lora.apply_lora(model, rank=RANK)
+    for layer in keras_lora.lora_layers(model).values():
+        layer.lora_b.assign(np.full(layer.lora_b.shape, 0.05))
+    path = str(tmp_path / "ckpt.weights.h5")
+    model.save_weights(path)
+    other, _ = subclassed()
+    keras_lora.apply_lora(other, rank=RANK)
+    other.load_weights(path)
+    np.testing.assert_allclose(
+        to_numpy(other(x))[0], to_numpy(model(x))[0], atol=1e-6
+    )
