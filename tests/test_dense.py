@@ -99,6 +99,25 @@ def test_drop_in_variable_paths_read_like_a_plain_dense():
     ]
 
 
+def test_drop_in_paths_nest_under_an_outer_layer_like_a_plain_dense():
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.up = LoRADense(UNITS, rank=2, name="up")
+
+        def call(self, x):
+            return self.up(x)
+
+    block = Block(name="block")
+    block(sample())
+    assert [v.path for v in block.weights] == [
+        "block/up/lora_a",
+        "block/up/lora_b",
+        "block/up/kernel",
+        "block/up/bias",
+    ]
+
+
 def test_drop_in_rejects_units_together_with_base_layer():
     with pytest.raises(ValueError, match="not both"):
         LoRADense(UNITS, base_layer=built_dense())
@@ -387,6 +406,14 @@ def test_base_with_keras_builtin_lora_is_refused():
     with pytest.raises(ValueError, match="'dense'.*enable_lora"):
         LoRADense.from_layer(dense, rank=2)
     assert_unchanged(dense, before)
+
+
+def test_quantized_base_is_refused():
+    dense = built_dense()
+    dense.quantize("int8")
+    with pytest.raises(ValueError, match="'dense' is quantized"):
+        LoRADense.from_layer(dense, rank=2)
+    assert dense.trainable
 
 
 # Variable tracking (torch: a Keras layer is also a torch.nn.Module) --------

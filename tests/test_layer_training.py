@@ -48,6 +48,17 @@ def test_fit_trains_a_and_b_and_leaves_kernel_and_bias_bit_identical():
         np.testing.assert_array_equal(to_np(variable), before)
 
 
+def test_fit_with_dropout_on_the_lora_path_still_trains():
+    layer = LoRADense(UNITS, rank=2, dropout=0.2, name="head")
+    model = keras.Sequential([keras.Input((D_IN,)), layer])
+    kernel_before = to_np(layer.kernel).copy()
+
+    losses = fit(model, *regression_data(), epochs=4)
+
+    assert losses[-1] < losses[0]
+    np.testing.assert_array_equal(to_np(layer.kernel), kernel_before)
+
+
 def test_fit_with_train_bias_moves_the_bias_but_not_the_kernel():
     inputs = keras.Input((D_IN,))
     outputs = LoRADense(UNITS, rank=2, train_bias=True, name="head")(inputs)
