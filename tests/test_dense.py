@@ -244,6 +244,24 @@ def test_output_equals_numpy_base_plus_scaled_low_rank_path(use_rslora):
     np.testing.assert_allclose(to_np(layer(x)), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_call_never_forms_the_kernel_shaped_delta(monkeypatch):
+    layer = LoRADense.from_layer(
+        built_dense(), rank=2, lora_b_initializer=random_b()
+    )
+
+    def forbidden(*args):
+        raise AssertionError("call() built A·B")
+
+    monkeypatch.setattr(layer, "_delta_kernel", forbidden)
+    x = sample()
+    np.testing.assert_allclose(
+        to_np(layer(x, training=True)),
+        lora_reference(layer, x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 def test_dropout_only_acts_in_training():
     layer = LoRADense.from_layer(
         built_dense(), rank=2, dropout=0.5, lora_b_initializer=random_b()

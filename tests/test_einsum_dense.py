@@ -164,6 +164,21 @@ def test_output_equals_numpy_einsum_with_the_updated_kernel(name):
 
 
 @pytest.mark.parametrize("name", CASES)
+def test_call_never_forms_the_kernel_shaped_delta(name, monkeypatch):
+    case = CASES[name]
+    layer = adapted(case)
+
+    def forbidden(*args):
+        raise AssertionError("call() built A·B")
+
+    monkeypatch.setattr(layer, "_delta_kernel", forbidden)
+    x = sample(case["input_shape"])
+    np.testing.assert_allclose(
+        to_np(layer(x)), numpy_output(case, layer, x), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_delta_kernel_is_a_times_b_in_kernel_axis_order(name):
     case = CASES[name]
     layer = adapted(case, alpha=3.0)
