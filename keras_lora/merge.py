@@ -1,0 +1,360 @@
+"""Folding adapters into kernels: a new plain model, in place, or reversibly.
+
+Three ways, for three needs:
+
+- `merge_lora(model)` builds a **new** model from the base's own layer
+  classes (every LoRA layer becomes the `Dense` / `EinsumDense` it wraps,
+  holding `W + scaling·A·B`). It loads and serves with plain Keras, no
+  keras-lora needed, and the LoRA model is left as it was.
+- `merge_lora(model, in_place=True)` does the same to `model` itself,
+  without copying any weight (for models too big to hold twice): each LoRA
+  layer's kernel receives the update and the layer is swapped back for its
+  base layer. The adapters are gone afterwards.
+- `merge_adapters(model)` / `unmerge_adapters(model)` fold the updates in
+  and take them out again while keeping the LoRA layers, for fast
+  inference between training runs.
+
+Every route checks all updates for NaN / infinity before it changes
+anything.
+"""
+
+import contextlib
+import shutil
+import tempfile
+
+import keras
+from keras import ops
+
+from keras_lora import model_walk
+from keras_lora.layers import LoRALayer
+from keras_lora.layers.dense import LoRADense
+from keras_lora.layers.einsum_dense import LoRAEinsumDense
+
+_LORA_REGISTERED_NAMES = frozenset(
+    keras.saving.get_registered_name(cls)
+    for cls in (LoRADense, LoRAEinsumDense)
+)
+
+
+def merge_lora(model, in_place=False):
+    """Returns a model with every LoRA update folded into its kernel.
+
+    The result contains only the base model's own layer classes: each LoRA
+    layer becomes the layer it wraps (same name, same config) whose kernel
+    is `W + scaling·A·B`, so the merged model computes what the LoRA model
+    computes (to float32 rounding, about 1e-6 relative) at the cost of the
+    base model, and saves to a `.keras` file that plain Keras loads without
+    importing keras-lora. The model's class is kept (functional,
+    `Sequential`, nested and subclassed models, keras-hub tasks). A layer
+    whose adapter is disabled or already merged contributes its kernel as
+    it is, matching what it computes.
+
+    Args:
+        model: a Keras model with LoRA layers.
+        in_place: if `False` (default), build and return a new model and
+            leave `model` untouched (memory: one extra copy of the weights).
+            If `True`, change `model` itself: fold each update into the
+            shared base kernel, swap every LoRA layer back for its base
+            layer (made trainable again) and return `model`; no weight is
+            copied. Other layers keep their trainable flags.
+
+    Returns:
+        The merged model (not compiled when new).
+
+    Raises:
+        ValueError: if the model has no LoRA layers, or an update holds NaN
+            or infinite values (nothing is changed).
+
+    Example:
+
+    >>> inputs = keras.Input((8,))
+    >>> lora = LoRADense(4, rank=2, name="proj")
+    >>> model = keras.Model(inputs, lora(inputs))
+    >>> merged = merge_lora(model)
+    >>> type(merged.get_layer("proj")).__name__
+    'Dense'
+    """
+    entries = _lora_entries(model)
+    _check_finite(entries)
+    if in_place:
+        return _merge_in_place(model, entries)
+    return _merge_to_new_model(model)
+
+
+def merge_adapters(model):
+    """Folds every LoRA update into its kernel, keeping the LoRA layers.
+
+    While merged, the LoRA layers skip the low-rank path, so inference costs
+    what the base model costs. `unmerge_adapters` undoes it. The compiled
+    `predict` / `train` / `test` functions are reset so they re-trace.
+
+    Tolerance: `unmerge_adapters` subtracts the same update again, which
+    restores each kernel up to float rounding (a few ulps of the kernel
+    values, about 1e-7 relative in float32; more in float16/bfloat16). Where
+    exact base weights matter, keep the adapters unmerged, or save the
+    adapter and rebuild from the original base weights.
+
+    Args:
+        model: a Keras model with LoRA layers.
+
+    Returns:
+        `model`.
+
+    Raises:
+        ValueError: if the model has no LoRA layers or an update is not
+            finite (nothing is changed).
+
+    Example:
+
+    >>> inputs = keras.Input((8,))
+    >>> model = keras.Model(inputs, LoRADense(4, rank=2)(inputs))
+    >>> model = merge_adapters(model)
+    >>> [layer.merged for layer in lora_layers(model).values()]
+    [True]
+    """
+    entries = _lora_entries(model)
+    _check_finite(entries)
+    for entry in entries:
+        entry.layer.merge()
+    _reset_compiled_functions(model)
+    return model
+
+
+def unmerge_adapters(model):
+    """Takes every merged LoRA update out of its kernel again.
+
+    See `merge_adapters` for the float tolerance of the restored kernels.
+
+    Args:
+        model: a Keras model with LoRA layers.
+
+    Returns:
+        `model`.
+    """
+    for entry in _lora_entries(model):
+        entry.layer.unmerge()
+    _reset_compiled_functions(model)
+    return model
+
+
+# Shared steps -------------------------------------------------------------
+
+
+def _lora_entries(model):
+    entries = [
+        entry
+        for entry in model_walk.walk(
+            model, descend_into=lambda layer: not isinstance(layer, LoRALayer)
+        ).values()
+        if isinstance(entry.layer, LoRALayer)
+    ]
+    if not entries:
+        raise ValueError(
+            f"Model '{model.name}' has no LoRA layers to merge. Use "
+            "`apply_lora` or `load_adapter` first."
+        )
+    return entries
+
+
+def _folds_update(layer):
+    """Whether the layer's kernel still lacks the update it computes with."""
+    return layer.adapter_enabled and not layer.merged
+
+
+def _check_finite(entries):
+    # One layer at a time, so a large model never holds every delta at once.
+    for entry in entries:
+        if not _folds_update(entry.layer):
+            continue
+        delta = entry.layer.delta_kernel()
+        if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(delta)))):
+            raise ValueError(
+                f"Layer '{entry.path}': the LoRA update holds NaN or infinite "
+                "values; refusing to merge. Nothing was changed."
+            )
+
+
+def _effective_kernel(layer):
+    if _folds_update(layer):
+        return layer.merged_kernel()
+    return layer.base_layer.kernel.value
+
+
+def _reset_compiled_functions(model):
+    for name in ("train_function", "test_function", "predict_function"):
+        if hasattr(model, name):
+            setattr(model, name, None)
+
+
+# In place -----------------------------------------------------------------
+
+
+def _merge_in_place(model, entries):
+    from keras_lora import layer_swap
+
+    for entry in entries:
+        layer = entry.layer
+        if _folds_update(layer):
+            layer.base_layer.kernel.assign(layer.merged_kernel())
+        layer.base_layer.trainable = layer.trainable
+        for parent in entry.parents:
+            layer_swap.replace_layer(parent, layer, layer.base_layer)
+    _reset_compiled_functions(model)
+    return model
+
+
+# New model ----------------------------------------------------------------
+
+
+def _merge_to_new_model(model):
+    config = keras.saving.serialize_keras_object(model)
+    config.pop("compile_config", None)
+    try:
+        merged = keras.saving.deserialize_keras_object(_strip_lora(config))
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"merge_lora: Keras cannot rebuild model '{model.name}' from its "
+            "config (register custom classes with "
+            "`keras.saving.register_keras_serializable`), or use "
+            f"`merge_lora(model, in_place=True)`. Cause: {error}"
+        ) from error
+    leftover = [
+        entry.path
+        for entry in model_walk.walk(merged).values()
+        if isinstance(entry.layer, LoRALayer)
+    ]
+    if leftover:
+        raise ValueError(
+            f"merge_lora: could not rebuild model '{model.name}' without "
+            f"LoRA layers; still present: {leftover}."
+        )
+    _copy_state(model, merged, path="")
+    return merged
+
+
+def _strip_lora(config):
+    """Replaces every serialized LoRA layer by its serialized base layer."""
+    if isinstance(config, list):
+        return [_strip_lora(item) for item in config]
+    if not isinstance(config, dict):
+        return config
+    if config.get("registered_name") in _LORA_REGISTERED_NAMES:
+        wrapper = config["config"]
+        base = dict(wrapper["base_layer"])
+        base["config"] = dict(
+            base["config"],
+            name=wrapper["name"],
+            trainable=wrapper.get("trainable", True),
+        )
+        # Graph wiring (`name`, `inbound_nodes`) belongs to the wrapper's slot.
+        for key, value in config.items():
+            if key not in ("module", "class_name", "config", "registered_name",
+                           "build_config"):
+                base[key] = value
+        if "build_config" in config and "build_config" not in base:
+            base["build_config"] = config["build_config"]
+        return base
+    return {key: _strip_lora(value) for key, value in config.items()}
+
+
+def _copy_state(source, target, path):
+    """Copies weights and assets from `source`'s layer tree to `target`'s.
+
+    Sub-layers are paired by position (the order in which each parent
+    tracks them), which the rebuilt model reproduces; every pair must have
+    the same class (a LoRA layer pairs with its base layer's class) and
+    every variable the same shape.
+    """
+    source_layer = source.base_layer if isinstance(source, LoRALayer) else source
+    where = path or source.name
+    if type(source_layer) is not type(target):
+        raise ValueError(
+            f"merge_lora: layer '{where}' is a {type(source_layer).__name__} "
+            f"in the LoRA model but a {type(target).__name__} in the rebuilt "
+            "model."
+        )
+    _copy_own_variables(source, target, where)
+    _copy_assets(source_layer, target)
+    if isinstance(source, LoRALayer):
+        return
+    source_children = _stateful_sublayers(source)
+    target_children = _stateful_sublayers(target)
+    if len(source_children) != len(target_children):
+        raise ValueError(
+            f"merge_lora: layer '{where}' has {len(source_children)} "
+            f"sub-layers in the LoRA model but {len(target_children)} in the "
+            "rebuilt model: "
+            f"{[c.name for c in source_children]} vs "
+            f"{[c.name for c in target_children]}."
+        )
+    for source_child, target_child in zip(source_children, target_children):
+        child_path = f"{path}/{source_child.name}" if path else source_child.name
+        _copy_state(source_child, target_child, child_path)
+
+
+def _stateful_sublayers(layer):
+    # Stateless sub-layers may be created lazily on the first call (keras-hub
+    # packers), so only layers holding weights or assets are paired.
+    children = model_walk.sublayers(layer)
+    # On torch, keras-hub tasks keep `preprocessor` out of layer tracking;
+    # its tokenizer still holds a vocabulary to carry over.
+    preprocessor = getattr(layer, "preprocessor", None)
+    if isinstance(preprocessor, keras.layers.Layer) and all(
+        child is not preprocessor for child in children
+    ):
+        children.append(preprocessor)
+    return [child for child in children if child.weights or _has_assets(child)]
+
+
+def _has_assets(layer):
+    if hasattr(layer, "save_assets"):
+        return True
+    return any(_has_assets(child) for child in model_walk.sublayers(layer))
+
+
+def _copy_own_variables(source, target, where):
+    if isinstance(source, LoRALayer):
+        kernel = source.base_layer.kernel
+        values = [
+            _effective_kernel(source) if variable is kernel else variable.value
+            for variable in model_walk.own_variables(source.base_layer)
+        ]
+    else:
+        values = [v.value for v in model_walk.own_variables(source)]
+    variables = model_walk.own_variables(target)
+    if len(values) != len(variables):
+        raise ValueError(
+            f"merge_lora: layer '{where}' has {len(values)} variables in the "
+            f"LoRA model but {len(variables)} in the rebuilt model."
+        )
+    for value, variable in zip(values, variables):
+        if tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(
+                f"merge_lora: variable '{variable.path}' of layer '{where}' "
+                f"has shape {tuple(value.shape)} in the LoRA model but "
+                f"{tuple(variable.shape)} in the rebuilt model."
+            )
+        # A copy: on JAX two variables must never share one buffer, since a
+        # jitted step may donate (delete) it.
+        variable.assign(ops.copy(value))
+
+
+def _copy_assets(source, target):
+    # Vocabularies and other files live outside the config (keras-hub
+    # tokenizers, lookup layers); pass them through Keras's own hooks.
+    save = getattr(source, "save_assets", None)
+    load = getattr(target, "load_assets", None)
+    if save is None or load is None:
+        return
+    with _temporary_directory() as directory:
+        save(directory)
+        load(directory)
+
+
+@contextlib.contextmanager
+def _temporary_directory():
+    directory = tempfile.mkdtemp(prefix="keras_lora_assets_")
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,444 @@
+"""Adapter files: contents, atomic writes, round trips, and every error path."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import safetensors.numpy
+from keras import layers
+
+from keras_lora import model_walk
+from keras_lora.adapters import load_adapter
+from keras_lora.adapters import read_adapter
+from keras_lora.adapters import save_adapter
+from keras_lora.merge import merge_adapters
+from keras_lora.surgery import apply_lora
+from keras_lora.surgery import lora_layers
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+PATHS = ["inner/inner_dense", "einsum", "head"]
+X = np.linspace(-1, 1, 12, dtype="float32").reshape(3, 4)
+
+
+def base_model(head_units=3, head_name="head", einsum_as_dense=False):
+    """A base model with fixed names and weights, the same on every backend."""
+    inner = keras.Sequential(
+        [keras.Input((4,)), layers.Dense(6, name="inner_dense")], name="inner"
+    )
+    inputs = keras.Input((4,))
+    x = inner(inputs)
+    if einsum_as_dense:
+        x = layers.Dense(5, name="einsum")(x)
+    else:
+        x = layers.EinsumDense("ab,bc->ac", (5,), bias_axes="c", name="einsum")(x)
+    outputs = layers.Dense(head_units, name=head_name)(x)
+    model = keras.Model(inputs, outputs, name="base")
+    rng = np.random.default_rng(7)
+    for variable in model.weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    return model
+
+
+def adapt(model, seed=0, **lora_kwargs):
+    """Applies LoRA (per-layer ranks and alphas) and random adapters."""
+    lora_kwargs.setdefault("rank_pattern", {"head": 1})
+    lora_kwargs.setdefault("alpha_pattern", {"einsum": 8.0})
+    apply_lora(model, rank=2, alpha=4.0, **lora_kwargs)
+    rng = np.random.default_rng(seed)
+    for layer in lora_layers(model).values():
+        layer.lora_a.assign(rng.normal(size=layer.lora_a.shape))
+        layer.lora_b.assign(rng.normal(size=layer.lora_b.shape))
+    return model
+
+
+def to_numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def state(model):
+    """Everything load_adapter could change: structure and every value."""
+    structure = [
+        (entry.path, type(entry.layer).__name__)
+        for entry in model_walk.walk(model).values()
+    ]
+    return structure, [to_numpy(v).copy() for v in model.weights]
+
+
+def assert_unchanged(model, before):
+    structure, values = state(model)
+    assert structure == before[0]
+    assert len(values) == len(before[1])
+    for value, expected in zip(values, before[1]):
+        np.testing.assert_array_equal(value, expected)
+
+
+@pytest.fixture
+def adapter_path(tmp_path):
+    path = str(tmp_path / "task.safetensors")
+    save_adapter(adapt(base_model()), path)
+    return path
+
+
+def rewrite(source, target, change):
+    """Writes `target`: `source`'s tensors and metadata passed through `change`."""
+    tensors = safetensors.numpy.load_file(source)
+    document = read_adapter(source).metadata
+    tensors, document = change(tensors, document)
+    safetensors.numpy.save_file(
+        tensors, target, metadata={"keras_lora": json.dumps(document)}
+    )
+    return target
+
+
+# The file -----------------------------------------------------------------
+
+
+def test_file_holds_exactly_lora_a_and_lora_b_per_layer_as_float32(adapter_path):
+    tensors = safetensors.numpy.load_file(adapter_path)
+    assert sorted(tensors) == sorted(
+        f"{path}/{name}" for path in PATHS for name in ("lora_a", "lora_b")
+    )
+    assert all(t.dtype == np.float32 for t in tensors.values())
+    assert tensors["einsum/lora_a"].shape == (6, 2)
+    assert tensors["head/lora_b"].shape == (1, 3)
+
+
+def test_metadata_records_each_layer(adapter_path):
+    metadata = read_adapter(adapter_path).metadata
+    assert metadata["format"] == "keras_lora.adapter"
+    assert metadata["format_version"] == 1
+    assert metadata["keras_lora_version"]
+    assert list(metadata["layers"]) == PATHS
+    einsum = metadata["layers"]["einsum"]
+    assert einsum["class"] == "LoRAEinsumDense"
+    assert (einsum["rank"], einsum["alpha"], einsum["scaling"]) == (2, 8.0, 4.0)
+    assert einsum["use_rslora"] is False
+    assert einsum["lora_a_shape"] == [6, 2]
+    assert einsum["lora_b_shape"] == [2, 5]
+    assert einsum["base_kernel_shape"] == [6, 5]
+    assert metadata["layers"]["head"]["rank"] == 1
+
+
+def test_file_size_is_adapter_bytes_plus_a_header_under_64_kib(tmp_path):
+    # 48 layers with keras-hub-like long paths.
+    model = keras.Sequential(
+        [keras.Input((4,))]
+        + [
+            layers.Dense(4, name=f"transformer_layer_{i:02d}_feedforward_output")
+            for i in range(48)
+        ]
+    )
+    apply_lora(model, rank=2)
+    path = str(tmp_path / "many.safetensors")
+    save_adapter(model, path)
+    adapter_bytes = sum(
+        t.nbytes for t in safetensors.numpy.load_file(path).values()
+    )
+    assert adapter_bytes == 48 * 2 * (4 * 2) * 4
+    assert 0 < os.path.getsize(path) - adapter_bytes < 64 * 1024
+
+
+def test_save_replaces_the_file_and_leaves_no_temporary_file(tmp_path):
+    model = adapt(base_model())
+    path = str(tmp_path / "task.safetensors")
+    save_adapter(model, path)
+    lora_layers(model)["head"].lora_b.assign(np.zeros((1, 3), "float32"))
+    save_adapter(model, path)
+    assert os.listdir(tmp_path) == ["task.safetensors"]
+    assert not safetensors.numpy.load_file(path)["head/lora_b"].any()
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    model = adapt(base_model())
+    path = str(tmp_path / "task.safetensors")
+    save_adapter(model, path)
+    with open(path, "rb") as handle:
+        previous = handle.read()
+
+    def interrupted(descriptor):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(adapt(base_model(), seed=1), path)
+    with open(path, "rb") as handle:
+        assert handle.read() == previous
+    assert os.listdir(tmp_path) == ["task.safetensors"]
+
+
+def test_missing_parent_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_adapter(adapt(base_model()), str(tmp_path / "nope" / "a.safetensors"))
+
+
+def test_save_without_lora_layers_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="has no LoRA layers"):
+        save_adapter(base_model(), str(tmp_path / "a.safetensors"))
+
+
+def test_save_refuses_non_finite_adapters(tmp_path):
+    model = adapt(base_model())
+    lora_layers(model)["einsum"].lora_a.assign(np.full((6, 2), np.nan, "float32"))
+    with pytest.raises(ValueError, match="'einsum': lora_a holds NaN"):
+        save_adapter(model, str(tmp_path / "a.safetensors"))
+    assert os.listdir(tmp_path) == []
+
+
+# Round trips --------------------------------------------------------------
+
+
+def test_load_into_a_base_model_applies_lora_as_recorded(adapter_path):
+    expected = to_numpy(adapt(base_model())(X))
+    model = base_model()
+    assert load_adapter(model, adapter_path) is model
+    adapted = lora_layers(model)
+    assert list(adapted) == PATHS
+    assert [(l.rank, l.alpha) for l in adapted.values()] == [
+        (2, 4.0), (2, 8.0), (1, 4.0)
+    ]
+    np.testing.assert_allclose(to_numpy(model(X)), expected, rtol=1e-6)
+
+
+def test_load_into_an_adapted_model_assigns_in_place(adapter_path):
+    model = adapt(base_model(), seed=5)
+    layers_before = dict(lora_layers(model))
+    load_adapter(model, adapter_path)
+    tensors = safetensors.numpy.load_file(adapter_path)
+    for path, layer in lora_layers(model).items():
+        assert layer is layers_before[path]
+        np.testing.assert_array_equal(
+            to_numpy(layer.lora_b), tensors[f"{path}/lora_b"]
+        )
+
+
+def test_rslora_dropout_and_train_bias_are_re_created(tmp_path):
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(
+        adapt(base_model(), use_rslora=True, dropout=0.25, train_bias=True), path
+    )
+    model = load_adapter(base_model(), path)
+    for layer in lora_layers(model).values():
+        assert (layer.use_rslora, layer.dropout, layer.train_bias) == (
+            True, 0.25, True
+        )
+
+
+def test_adapter_saved_on_another_backend_loads_here(tmp_path):
+    other = {"jax": "torch", "tensorflow": "jax", "torch": "jax"}[
+        keras.backend.backend()
+    ]
+    code = (
+        "import sys\n"
+        f"sys.path[:0] = [{REPO_ROOT!r}, {TESTS_DIR!r}]\n"
+        "import numpy as np, keras, test_adapters as t\n"
+        "from keras_lora.adapters import save_adapter\n"
+        "model = t.adapt(t.base_model(), seed=3)\n"
+        f"save_adapter(model, {str(tmp_path / 'a.safetensors')!r})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, "
+        "keras.ops.convert_to_numpy(model(t.X)))\n"
+    )
+    env = dict(os.environ, KERAS_BACKEND=other, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    path = str(tmp_path / "a.safetensors")
+    assert read_adapter(path).metadata["backend"] == other
+    model = load_adapter(base_model(), path)
+    np.testing.assert_allclose(
+        to_numpy(model(X)), np.load(tmp_path / "y.npy"), rtol=1e-5, atol=1e-5
+    )
+
+
+# Bad files: the model is left exactly as it was ---------------------------
+
+
+@pytest.fixture(params=["base", "adapted"])
+def target_model(request):
+    model = base_model()
+    return adapt(model, seed=9) if request.param == "adapted" else model
+
+
+def test_truncated_file_is_rejected(adapter_path, tmp_path, target_model):
+    with open(adapter_path, "rb") as handle:
+        data = handle.read()
+    path = tmp_path / "truncated.safetensors"
+    path.write_bytes(data[: len(data) - 20])
+    before = state(target_model)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_adapter(target_model, str(path))
+    assert_unchanged(target_model, before)
+
+
+def test_non_safetensors_file_is_rejected(tmp_path, target_model):
+    path = tmp_path / "adapter.safetensors"
+    path.write_bytes(b"PK\x03\x04 this is a zip, not safetensors")
+    before = state(target_model)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_adapter(target_model, str(path))
+    assert_unchanged(target_model, before)
+
+
+def test_foreign_safetensors_file_is_rejected(tmp_path, target_model):
+    path = str(tmp_path / "model.safetensors")
+    safetensors.numpy.save_file({"weight": np.ones((2, 2), "float32")}, path)
+    before = state(target_model)
+    with pytest.raises(ValueError, match="not a keras-lora adapter.*'weight'"):
+        load_adapter(target_model, path)
+    assert_unchanged(target_model, before)
+
+
+def test_missing_file_is_rejected(tmp_path, target_model):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_adapter(target_model, str(tmp_path / "none.safetensors"))
+
+
+def _set(tensors, key, value):
+    tensors[key] = value
+    return tensors
+
+
+CORRUPTIONS = [
+    (
+        "tensor_shape_disagrees_with_metadata",
+        lambda t, d: (_set(t, "einsum/lora_b", np.ones((2, 4), "float32")), d),
+        r"'einsum/lora_b' has shape \(2, 4\) but the metadata records \(2, 5\)",
+    ),
+    (
+        "missing_tensor",
+        lambda t, d: ({k: v for k, v in t.items() if k != "head/lora_a"}, d),
+        "tensor 'head/lora_a' is missing",
+    ),
+    (
+        "extra_tensor",
+        lambda t, d: (_set(t, "other/lora_a", np.ones((1,), "float32")), d),
+        "'other/lora_a' belongs to no recorded layer",
+    ),
+    (
+        "float16_tensor",
+        lambda t, d: (_set(t, "head/lora_a", t["head/lora_a"].astype("float16")), d),
+        "'head/lora_a' has dtype F16",
+    ),
+    (
+        "nan_tensor",
+        lambda t, d: (_set(t, "head/lora_b", np.full((1, 3), np.nan, "float32")), d),
+        "'head/lora_b' holds NaN",
+    ),
+    (
+        "newer_format",
+        lambda t, d: (t, dict(d, format_version=99)),
+        "format version 99, newer",
+    ),
+    (
+        "unknown_layer_class",
+        lambda t, d: (t, _with_layer(d, "head", **{"class": "LoRAConv2D"})),
+        "layer 'head': unknown LoRA class 'LoRAConv2D'",
+    ),
+    (
+        "rank_disagrees_with_shapes",
+        lambda t, d: (t, _with_layer(d, "head", rank=3)),
+        "layer 'head': rank 3 disagrees",
+    ),
+]
+
+
+def _with_layer(document, path, **changes):
+    layers_ = dict(document["layers"])
+    layers_[path] = dict(layers_[path], **changes)
+    return dict(document, layers=layers_)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [(c, m) for _, c, m in CORRUPTIONS],
+    ids=[name for name, _, _ in CORRUPTIONS],
+)
+def test_inconsistent_file_is_rejected(
+    adapter_path, tmp_path, target_model, change, message
+):
+    path = rewrite(adapter_path, str(tmp_path / "bad.safetensors"), change)
+    before = state(target_model)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(target_model, path)
+    assert_unchanged(target_model, before)
+
+
+# Models that do not match: nothing changes --------------------------------
+
+
+def test_base_model_without_a_recorded_layer(adapter_path):
+    model = base_model(head_name="classifier")
+    before = state(model)
+    with pytest.raises(ValueError, match="layer 'head' is not in model"):
+        load_adapter(model, adapter_path)
+    assert_unchanged(model, before)
+
+
+def test_base_kernel_shape_mismatch_names_layer_and_both_shapes(adapter_path):
+    model = base_model(head_units=4)
+    before = state(model)
+    with pytest.raises(
+        ValueError, match=r"'head'.*\(5, 4\) in the model but \(5, 3\) in the file"
+    ):
+        load_adapter(model, adapter_path)
+    assert_unchanged(model, before)
+
+
+def test_base_layer_of_another_type(adapter_path):
+    model = base_model(einsum_as_dense=True)
+    before = state(model)
+    with pytest.raises(ValueError, match="'einsum' is a Dense.*EinsumDense"):
+        load_adapter(model, adapter_path)
+    assert_unchanged(model, before)
+
+
+def test_adapted_model_with_another_rank(adapter_path):
+    model = adapt(base_model(), rank_pattern={"head": 2})
+    before = state(model)
+    with pytest.raises(ValueError, match="'head' has rank 2 in the model but 1"):
+        load_adapter(model, adapter_path)
+    assert_unchanged(model, before)
+
+
+def test_adapted_model_with_another_alpha(adapter_path):
+    model = adapt(base_model(), alpha_pattern={"einsum": 2.0})
+    before = state(model)
+    with pytest.raises(ValueError, match="'einsum' has alpha=2.0.*alpha=8.0"):
+        load_adapter(model, adapter_path)
+    assert_unchanged(model, before)
+
+
+def test_adapted_model_with_layers_the_file_does_not_cover(tmp_path):
+    path = str(tmp_path / "head_only.safetensors")
+    save_adapter(adapt(base_model(), targets=["head"]), path)
+    model = adapt(base_model())
+    before = state(model)
+    with pytest.raises(ValueError, match="does not cover.*'inner/inner_dense'"):
+        load_adapter(model, path)
+    assert_unchanged(model, before)
+
+
+def test_merged_model_must_be_unmerged_first(adapter_path):
+    model = merge_adapters(adapt(base_model()))
+    before = state(model)
+    with pytest.raises(ValueError, match="is merged"):
+        load_adapter(model, adapter_path)
+    assert_unchanged(model, before)
+
+
+def test_mixed_dropout_cannot_be_applied_to_a_base_model(adapter_path, tmp_path):
+    path = rewrite(
+        adapter_path,
+        str(tmp_path / "mixed.safetensors"),
+        lambda t, d: (t, _with_layer(d, "head", dropout=0.5)),
+    )
+    model = base_model()
+    before = state(model)
+    with pytest.raises(ValueError, match="several values of `dropout`"):
+        load_adapter(model, path)
+    assert_unchanged(model, before)
