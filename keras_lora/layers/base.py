@@ -7,6 +7,7 @@ from keras import initializers
 from keras import ops
 
 from keras_lora import config as lora_config
+from keras_lora.distribution import adapter_layout_scope
 
 
 class LoRALayer(keras.layers.Layer):
@@ -116,6 +117,19 @@ class LoRALayer(keras.layers.Layer):
         """Returns `(contracted_shape, free_shape)` of the base kernel."""
         raise NotImplementedError
 
+    @classmethod
+    def _kernel_axes(cls, base_layer):
+        """Returns `(contracted_axes, free_axes)`: kernel axis indices.
+
+        The default suits kernels whose contracted axes come first (Dense).
+        """
+        contracted, free = cls._kernel_split(base_layer)
+        n_contracted = len(contracted)
+        return (
+            tuple(range(n_contracted)),
+            tuple(range(n_contracted, n_contracted + len(free))),
+        )
+
     def _base_preactivation(self, inputs):
         raise NotImplementedError
 
@@ -202,7 +216,12 @@ class LoRALayer(keras.layers.Layer):
             if parts
             else _NullScope()
         )
-        with scope:
+        # Under a keras.distribution, A and B take layouts derived from the
+        # kernel's, whatever a LayoutMap written for the base would say.
+        layouts = adapter_layout_scope(
+            self.base_layer.kernel, *self._kernel_axes(self.base_layer)
+        )
+        with scope, layouts:
             self.lora_a = self.add_weight(
                 name="lora_a",
                 shape=tuple(contracted) + (self.rank,),

@@ -196,6 +196,11 @@ class LoRAEinsumDense(LoRALayer):
             tuple(shape[i] for i in split.free_axes),
         )
 
+    @classmethod
+    def _kernel_axes(cls, base_layer):
+        split = split_equation(base_layer.equation)
+        return split.contracted_axes, split.free_axes
+
     def _base_preactivation(self, inputs):
         outputs = ops.einsum(self.equation, inputs, self.base_layer.kernel)
         if self.base_layer.bias is not None:
