@@ -2,11 +2,13 @@
 
 import collections
 import dataclasses
+import inspect
 import math
 
 import keras
 
 from keras_lora import config as lora_config
+from keras_lora import hub
 from keras_lora import layer_swap
 from keras_lora import model_walk
 from keras_lora import targeting
@@ -271,15 +273,18 @@ def _freeze(model, adapted, trainable_layers):
 def _recompile(model):
     if not isinstance(model, keras.Model):
         return
-    model.train_function = None
-    model.test_function = None
-    model.predict_function = None
+    hub.reset_compiled_functions(model)
     if getattr(model, "compiled", False):
         compile_config = model.get_compile_config()
         if compile_config:
-            model.compile(
-                **keras.saving.deserialize_keras_object(compile_config)
-            )
+            arguments = keras.saving.deserialize_keras_object(compile_config)
+            # keras-hub's CausalLM takes its `sampler` in `compile` but
+            # leaves it out of the compile config; keep the user's choice.
+            if getattr(model, "sampler", None) is not None and (
+                "sampler" in inspect.signature(model.compile).parameters
+            ):
+                arguments["sampler"] = model.sampler
+            model.compile(**arguments)
 
 
 def lora_layers(model):
