@@ -11,6 +11,8 @@ from keras_lora.layers import LoRALayer
 from keras_lora.merge import merge_adapters
 from keras_lora.merge import merge_lora
 from keras_lora.merge import unmerge_adapters
+from keras_lora.model_io import load_model
+from keras_lora.model_io import save_model
 from keras_lora.surgery import apply_lora
 from keras_lora.surgery import lora_layers
 from keras_lora.surgery import print_trainable_parameters
@@ -26,12 +28,14 @@ __all__ = [
     "export_merged",
     "extend_layout_map",
     "load_adapter",
+    "load_model",
     "lora_layers",
     "merge_adapters",
     "merge_lora",
     "print_trainable_parameters",
     "read_adapter",
     "save_adapter",
+    "save_model",
     "trainable_parameter_report",
     "unmerge_adapters",
 ]
