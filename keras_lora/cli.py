@@ -7,7 +7,8 @@ keras-lora export MODEL.keras [ADAPTER] -o PATH [--format tf_saved_model]
 ```
 
 `MODEL.keras` is a base model (the adapter is applied to it) or a model
-saved with its LoRA layers (then ADAPTER may be left out). Errors print one
+saved with its adapters (`keras_lora.save_model` or `model.save`; then
+ADAPTER may be left out). Errors print one
 line to stderr and exit with status 1; usage errors exit with status 2.
 """
 
@@ -130,18 +131,17 @@ def _inspect(args):
 
 
 def _load_model(args):
-    import keras
-
-    import keras_lora  # noqa: F401  (registers the LoRA layers)
     from keras_lora.adapters import load_adapter
     from keras_lora.adapters import read_adapter
+    from keras_lora.model_io import load_model
 
     if args.adapter is not None:
         read_adapter(args.adapter)  # fail on a bad adapter before loading
     if not os.path.isfile(args.model):
         raise FileNotFoundError(f"Model file not found: '{args.model}'")
     try:
-        model = keras.saving.load_model(args.model, compile=False)
+        # keras-lora's loader also restores adapters saved inside the file.
+        model = load_model(args.model, compile=False)
     except Exception as error:  # Keras raises many types for a bad file.
         raise ValueError(
             f"cannot load model '{args.model}': {type(error).__name__}: {error}"

@@ -14,6 +14,7 @@ from keras_lora import cli
 from keras_lora import model_walk
 from keras_lora.adapters import save_adapter
 from keras_lora.layers import LoRALayer
+from keras_lora.model_io import save_model
 from keras_lora.surgery import apply_lora
 from keras_lora.surgery import lora_layers
 
@@ -94,10 +95,14 @@ def test_merge_writes_a_plain_model_with_the_lora_outputs(files, tmp_path):
     ]
 
 
-def test_merge_takes_a_saved_lora_model_without_an_adapter(tmp_path):
+@pytest.mark.parametrize("save", ["keras_lora.save_model", "model.save"])
+def test_merge_takes_a_saved_lora_model_without_an_adapter(tmp_path, save):
     model = adapted_model()
     lora_file, out = str(tmp_path / "lora.keras"), str(tmp_path / "merged.keras")
-    model.save(lora_file)
+    if save == "model.save":
+        model.save(lora_file)
+    else:
+        save_model(model, lora_file)
     assert cli.main(["merge", lora_file, "-o", out]) == 0
     np.testing.assert_allclose(
         to_numpy(keras.saving.load_model(out)(X)), to_numpy(model(X)),
