@@ -1,0 +1,130 @@
+"""Smoke test of the benchmark harness: `benchmarks/run.py --quick`.
+
+Runs every section once with tiny sizes on the current backend, in this
+process, and checks the shape of what comes out. It never checks a time.
+"""
+
+import json
+
+import keras
+import pytest
+
+pytest.importorskip("keras_hub")
+pytest.importorskip("matplotlib")
+
+from benchmarks import run  # noqa: E402
+from benchmarks import targets  # noqa: E402
+from benchmarks import variants  # noqa: E402
+
+SECTIONS = ("training", "peft", "inference", "memory", "lifecycle")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    page = run.main([
+        "--quick", "--in-process",
+        "--output", str(folder / "benchmarks.md"),
+        "--json", str(folder / "results.json"),
+    ])
+    with open(folder / "results.json") as file:
+        results = json.load(file)
+    with open(page) as file:
+        text = file.read()
+    return folder, results, text
+
+
+def test_quick_run_covers_only_the_current_backend(quick_run):
+    _, results, _ = quick_run
+    assert [r["backend"] for r in results] == [keras.backend.backend()]
+
+
+def test_every_section_reports_a_status(quick_run):
+    _, results, _ = quick_run
+    sections = results[0]["sections"]
+    assert set(sections) == set(SECTIONS)
+    for name in ("training", "inference", "memory"):
+        assert sections[name]["status"] == "ok", sections[name]
+
+
+def test_training_rows_compare_the_three_variants(quick_run):
+    _, results, _ = quick_run
+    rows = results[0]["sections"]["training"]["rows"]
+    assert {(r["workload"], r["targets"]) for r in rows} == {
+        ("mlp", "all-linear"), ("bert", "query/value"), ("bert", "all-linear")
+    }
+    for row in rows:
+        assert "error" not in row, row.get("traceback")
+        assert set(row["median_ms"]) == set(variants.VARIANTS)
+        assert set(row["ratios"]) == {
+            "keras_lora/full", "keras_enable_lora/full",
+            "keras_lora/keras_enable_lora",
+        }
+        assert all(v > 0 for v in row["ratios"].values())
+
+
+def test_lora_variants_train_fewer_parameters_than_full(quick_run):
+    _, results, _ = quick_run
+    for row in results[0]["sections"]["training"]["rows"]:
+        params = row["trainable_params"]
+        assert 0 < params["keras_lora"] < params["full"]
+        assert 0 < params["keras_enable_lora"] < params["full"]
+
+
+def test_optimizer_state_shrinks_with_the_trainable_set(quick_run):
+    _, results, _ = quick_run
+    for row in results[0]["sections"]["training"]["rows"]:
+        memory = row["memory"]
+        assert (memory["keras_lora"]["optimizer_state_bytes"]
+                < memory["full"]["optimizer_state_bytes"])
+
+
+def test_merged_inference_matches_unmerged(quick_run):
+    _, results, _ = quick_run
+    for row in results[0]["sections"]["inference"]["rows"]:
+        assert "error" not in row, row
+        assert row["max_abs_diff_merged_vs_unmerged"] <= (
+            1e-4 * max(1.0, row["max_abs_output"]))
+        assert row["merged_class_names_match_base"]
+
+
+def test_peak_rss_is_measured_for_full_and_lora(quick_run):
+    _, results, _ = quick_run
+    rss = results[0]["sections"]["memory"]["peak_rss"]["variants"]
+    for variant in ("full", "keras_lora"):
+        assert rss[variant]["peak_rss_mb_after_training"] > 0, rss[variant]
+
+
+def test_peft_section_runs_on_torch_only(quick_run):
+    _, results, _ = quick_run
+    peft = results[0]["sections"]["peft"]
+    if keras.backend.backend() == "torch":
+        assert peft["status"] == "ok", peft
+        assert "keras_lora/peft_lora" in peft["ratios"]
+    else:
+        assert peft["status"] == "skipped"
+
+
+def test_lifecycle_times_apply_lora_and_adapter_files(quick_run):
+    _, results, _ = quick_run
+    lifecycle = results[0]["sections"]["lifecycle"]
+    apply_rows = lifecycle["apply_lora"]["rows"]
+    assert [r["num_layers"] for r in apply_rows] == [1, 2]
+    assert all(r["adapted_layers"] > 0 for r in apply_rows)
+    assert lifecycle["adapter_io"]["file_bytes"] > 0
+
+
+def test_every_target_is_checked(quick_run):
+    _, results, _ = quick_run
+    labels = {c["label"] for c in targets.check(results[0])}
+    assert {t[4] for t in targets.STEP_TARGETS} <= labels
+
+
+def test_page_has_the_tables_chart_and_command(quick_run):
+    folder, _, text = quick_run
+    for heading in ("## Targets", "## Training step time", "## Inference",
+                    "## Memory", "## apply_lora, save / load / merge",
+                    "## How this was run"):
+        assert heading in text
+    assert "python benchmarks/run.py --quick --in-process" in text
+    assert (folder / "benchmarks_step_ratios.png").stat().st_size > 0
