@@ -93,7 +93,7 @@ def apply_lora(
     >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
     >>> model = apply_lora(model, rank=2)
     >>> [v.path for v in model.trainable_variables]
-    ['dense/lora_a', 'dense/lora_b']
+    ['sequential/dense/lora_a', 'sequential/dense/lora_b']
     """
     plans, trainable_layers = _plan(
         model, rank, alpha, targets, exclude, dropout,

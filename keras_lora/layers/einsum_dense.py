@@ -136,7 +136,7 @@ class LoRAEinsumDense(LoRALayer):
 
     Example:
 
-    >>> layer = LoRAEinsumDense("abc,cde->abde", (4, 8), rank=2)
+    >>> layer = LoRAEinsumDense("abc,cde->abde", (3, 4, 8), rank=2)
     >>> y = layer(np.ones((2, 3, 32)))
     >>> tuple(layer.lora_a.shape), tuple(layer.lora_b.shape)
     ((32, 2), (2, 4, 8))
