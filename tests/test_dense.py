@@ -446,9 +446,7 @@ def test_wrapper_tracks_the_base_kernel_exactly_once():
         assert len(owner.weights) == 4
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "torch", reason="torch.nn.Module tracking"
-)
+@pytest.mark.backend("torch")  # torch.nn.Module tracking
 def test_torch_module_sees_each_parameter_once():
     layer = LoRADense(UNITS, rank=2)
     layer(sample())

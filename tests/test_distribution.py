@@ -156,7 +156,7 @@ def test_extend_layout_map_keeps_a_matching_entry_and_rejects_a_conflict():
 # Automatic placement at creation (JAX, in process, one-device mesh) --------
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX-only")
+@pytest.mark.backend("jax")  # keras.distribution is JAX-only in Keras 3
 def test_adapters_created_under_model_parallel_follow_kernel_not_regex():
     mesh = keras.distribution.DeviceMesh(
         (1, 1), ("batch", "model"), keras.distribution.list_devices()[:1]
@@ -188,11 +188,10 @@ def test_adapters_created_under_model_parallel_follow_kernel_not_regex():
 
 @pytest.fixture(scope="module")
 def jax_mesh_run():
-    if BACKEND != "jax":
-        pytest.skip("the JAX mesh check runs once, in the JAX suite run")
     return run_check("distributed_jax_check.py")
 
 
+@pytest.mark.backend("jax")
 def test_model_parallel_2x4_loss_equals_single_device(jax_mesh_run):
     np.testing.assert_allclose(
         jax_mesh_run["model_parallel_losses"],
@@ -202,6 +201,7 @@ def test_model_parallel_2x4_loss_equals_single_device(jax_mesh_run):
     assert jax_mesh_run["model_parallel_adapter_max_diff"] < 1e-4
 
 
+@pytest.mark.backend("jax")
 def test_data_parallel_8_loss_equals_single_device(jax_mesh_run):
     np.testing.assert_allclose(
         jax_mesh_run["data_parallel_losses"],
@@ -211,12 +211,14 @@ def test_data_parallel_8_loss_equals_single_device(jax_mesh_run):
     assert jax_mesh_run["data_parallel_adapter_max_diff"] < 1e-4
 
 
+@pytest.mark.backend("jax")
 def test_mesh_training_learns(jax_mesh_run):
     losses = jax_mesh_run["model_parallel_losses"]
     assert losses[-1] < losses[0]
     assert jax_mesh_run["adapter_change"] > 1e-2
 
 
+@pytest.mark.backend("jax")
 def test_adapters_on_the_mesh_are_sharded_like_their_kernel(jax_mesh_run):
     specs = jax_mesh_run["specs"]
     assert specs[f"{QUERY}/kernel"] == ["model", "batch", None]
@@ -226,6 +228,7 @@ def test_adapters_on_the_mesh_are_sharded_like_their_kernel(jax_mesh_run):
     assert specs["decoder_block_0/ffw_linear/lora_b"] == [None, "batch"]
 
 
+@pytest.mark.backend("jax")
 def test_loose_user_regex_does_not_reach_adapters_on_the_mesh(jax_mesh_run):
     assert jax_mesh_run["loose_map_specs"] == {
         f"{QUERY}/lora_a": ["batch", None],
@@ -233,16 +236,19 @@ def test_loose_user_regex_does_not_reach_adapters_on_the_mesh(jax_mesh_run):
     }
 
 
+@pytest.mark.backend("jax")
 def test_adapter_from_the_mesh_reloads_on_one_device(jax_mesh_run):
     assert jax_mesh_run["reload_devices"] == ["cpu:0"]
     assert jax_mesh_run["reload_max_diff"] < 1e-5
 
 
+@pytest.mark.backend("jax")
 def test_merged_sharded_kernel_is_float32_w_plus_delta(jax_mesh_run):
     assert jax_mesh_run["merged_kernel_dtype"] == "float32"
     assert jax_mesh_run["merged_kernel_max_diff"] < 1e-6
 
 
+@pytest.mark.backend("jax")
 def test_loading_and_merging_on_the_mesh_keep_every_layout(jax_mesh_run):
     assert jax_mesh_run["after_load_and_merge_specs"] == jax_mesh_run["specs"]
     assert jax_mesh_run["merged_model_max_diff"] < 1e-5
@@ -250,11 +256,10 @@ def test_loading_and_merging_on_the_mesh_keep_every_layout(jax_mesh_run):
 
 @pytest.fixture(scope="module")
 def mirrored_run():
-    if BACKEND != "tensorflow":
-        pytest.skip("MirroredStrategy runs in the TensorFlow suite run")
     return run_check("distributed_tf_check.py")
 
 
+@pytest.mark.backend("tensorflow")
 def test_mirrored_strategy_trains_with_mirrored_adapters(mirrored_run):
     assert mirrored_run["replicas"] == 2
     assert mirrored_run["adapter_is_mirrored"]
@@ -263,6 +268,7 @@ def test_mirrored_strategy_trains_with_mirrored_adapters(mirrored_run):
     assert mirrored_run["adapter_change"] > 1e-3
 
 
+@pytest.mark.backend("tensorflow")
 def test_mirrored_strategy_loss_equals_single_device(mirrored_run):
     np.testing.assert_allclose(
         mirrored_run["mirrored_losses"],
@@ -274,17 +280,17 @@ def test_mirrored_strategy_loss_equals_single_device(mirrored_run):
 
 @pytest.fixture(scope="module")
 def ddp_run():
-    if BACKEND != "torch":
-        pytest.skip("DistributedDataParallel runs in the PyTorch suite run")
     return run_check("distributed_torch_check.py")
 
 
+@pytest.mark.backend("torch")
 def test_torch_ddp_trains_adapters_only_and_replicas_agree(ddp_run):
     assert ddp_run["trainable_tensors"] == 4  # two A/B pairs, nothing else
     assert ddp_run["replicas_agree"]
     assert ddp_run["adapter_change"] > 1e-2
 
 
+@pytest.mark.backend("torch")
 def test_torch_ddp_on_two_processes_equals_one_process(ddp_run):
     np.testing.assert_allclose(
         ddp_run["ddp_losses"], ddp_run["single_losses"], rtol=1e-5

@@ -15,7 +15,6 @@ from keras_lora.export import export_merged
 from keras_lora.surgery import apply_lora
 from keras_lora.surgery import lora_layers
 
-pytest.importorskip("tensorflow")
 
 X = np.linspace(-1, 1, 12, dtype="float32").reshape(3, 4)
 
@@ -111,11 +110,9 @@ def test_export_leaves_no_temporary_files(served):
     assert sorted(os.listdir(directory)) == ["lora", "plain", "x.npy"]
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="LiteRT takes the same subprocess route off TensorFlow; checked "
-    "in-process here to keep the suite fast.",
-)
+# Off TensorFlow, LiteRT takes the subprocess route the SavedModel tests
+# above cover on every backend; one in-process run keeps the suite fast.
+@pytest.mark.backend("tensorflow")
 def test_litert_export_serves_the_lora_outputs(tmp_path):
     import tensorflow as tf
 

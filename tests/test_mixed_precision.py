@@ -133,15 +133,8 @@ def test_bfloat16_base_keeps_float32_adapters_and_merges_to_bfloat16():
     np.testing.assert_allclose(to_np(merged), expected, rtol=2**-8, atol=1e-6)
 
 
-def _merge_lora():
-    merge = pytest.importorskip("keras_lora.merge")
-    if not hasattr(merge, "merge_lora"):
-        pytest.skip("keras_lora.merge.merge_lora has not landed")
-    return merge.merge_lora
-
-
 def test_merge_lora_gives_plain_layers_with_the_policy_kept(mixed_bfloat16):
-    merge_lora = _merge_lora()
+    merge_lora = keras_lora.merge_lora
     model = keras_lora.apply_lora(
         make_model(), rank=2, lora_b_initializer=random_b()
     )
@@ -161,7 +154,7 @@ def test_merge_lora_gives_plain_layers_with_the_policy_kept(mixed_bfloat16):
 def test_merged_keras_file_keeps_float32_weights_and_policy(
     mixed_bfloat16, tmp_path
 ):
-    merge_lora = _merge_lora()
+    merge_lora = keras_lora.merge_lora
     model = keras_lora.apply_lora(
         make_model(), rank=2, lora_b_initializer=random_b()
     )
@@ -177,19 +170,16 @@ def test_merged_keras_file_keeps_float32_weights_and_policy(
     np.testing.assert_array_equal(to_np(loaded(x)), to_np(merged(x)))
 
 
-@pytest.mark.skipif(
-    BACKEND != "tensorflow",
-    reason="off TensorFlow, export_merged exports in a TF subprocess from "
-    "the same merged .keras file checked above",
-)
+# Off TensorFlow, export_merged exports in a TF subprocess from the same
+# merged .keras file checked above.
+@pytest.mark.backend("tensorflow")
 def test_exported_saved_model_holds_float32_weights(mixed_bfloat16, tmp_path):
-    export = pytest.importorskip("keras_lora.export")
     import tensorflow as tf
 
     model = keras_lora.apply_lora(
         make_model(), rank=2, lora_b_initializer=random_b()
     )
-    path = export.export_merged(model, str(tmp_path / "served"))
+    path = keras_lora.export_merged(model, str(tmp_path / "served"))
     served = tf.saved_model.load(path)
     assert {v.dtype.name for v in served.variables} == {"float32"}
     x = regression_data()[0][:8]
