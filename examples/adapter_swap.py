@@ -32,6 +32,7 @@ DEFAULT_OUTPUT_DIR = os.path.join("demo_output", "adapter_swap")
 TASKS = {"rotated": _common.rotated, "mirrored": _common.mirrored}
 
 
+@_common.one_torch_thread
 def main(quick=False, output_dir=DEFAULT_OUTPUT_DIR):
     """Trains one adapter per task, then swaps them on one base model.
 

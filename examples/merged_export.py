@@ -32,6 +32,7 @@ import keras_lora
 DEFAULT_OUTPUT_DIR = os.path.join("demo_output", "merged_export")
 
 
+@_common.one_torch_thread
 def main(quick=False, output_dir=DEFAULT_OUTPUT_DIR, base_path=None, adapter_path=None):
     """Merges an adapter, exports for serving and checks every artifact.
 

@@ -52,6 +52,7 @@ model = keras_lora.load_adapter(base, "rotated_digits.safetensors")
 keras_lora.export_merged(model, "rotated_digits_savedmodel")    # plain SavedModel to serve"""
 
 
+@_common.one_torch_thread
 def main(quick=False, output_dir=DEFAULT_OUTPUT_DIR):
     """Runs the demo, prints its report and returns its numbers.
 
