@@ -181,7 +181,10 @@ def _effective_kernel(layer):
 
 
 def _reset_compiled_functions(model):
-    for name in ("train_function", "test_function", "predict_function"):
+    # `generate_function`: keras-hub's CausalLM caches a traced `generate`,
+    # which would keep the low-rank path on top of the merged kernel.
+    for name in ("train_function", "test_function", "predict_function",
+                 "generate_function"):
         if hasattr(model, name):
             setattr(model, name, None)
 
