@@ -207,8 +207,8 @@ def main(quick=False, seed=0):
     words, labels = load_vader_words()
     train_words, y_train, test_words, y_test = split(words, labels, seed=seed)
     if quick:
-        train_words, y_train = train_words[:128], y_train[:128]
-        test_words, y_test = test_words[:64], y_test[:64]
+        train_words, y_train = train_words[:64], y_train[:64]
+        test_words, y_test = test_words[:32], y_test[:32]
     x_train, x_test = tokenize(train_words), tokenize(test_words)
     print(
         f"VADER words (|mean rating| >= {THRESHOLD}): {len(train_words)} "

@@ -8,6 +8,9 @@ keras-hub's own `enable_lora` picks, and the trainable parameter counts
 relate to `enable_lora`'s as the two factorizations say.
 """
 
+import importlib.util
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -143,6 +146,35 @@ def test_causal_lm_generates_the_same_after_merging_a_nonzero_adapter(factory):
         layer.merge()
     # `merge()` flips a Python flag that a traced `generate` has baked in.
     hub.reset_compiled_functions(lm)
+    np.testing.assert_array_equal(greedy_generate(lm), adapted)
+
+
+@pytest.mark.parametrize("factory", [f for _, f in CAUSAL_LMS],
+                         ids=[n for n, _ in CAUSAL_LMS])
+def test_merge_lora_in_place_gives_the_plain_task_generating_the_same(factory):
+    lm = factory()
+    lm.compile(sampler="greedy")
+    keras_lora.apply_lora(lm, rank=RANK)
+    randomize_lora_b(lm)
+    hub.reset_compiled_functions(lm)
+    adapted = greedy_generate(lm)
+    cls = type(lm)
+    # No manual reset: merging clears the traced `generate` itself.
+    assert keras_lora.merge_lora(lm, in_place=True) is lm
+    assert type(lm) is cls and not keras_lora.lora_layers(lm)
+    np.testing.assert_array_equal(greedy_generate(lm), adapted)
+
+
+def test_merge_adapters_clears_a_traced_generate():
+    lm = gpt2_causal_lm()
+    lm.compile(sampler="greedy")
+    keras_lora.apply_lora(lm, rank=RANK)
+    randomize_lora_b(lm)
+    hub.reset_compiled_functions(lm)
+    adapted = greedy_generate(lm)
+    keras_lora.merge_adapters(lm)
+    np.testing.assert_array_equal(greedy_generate(lm), adapted)
+    keras_lora.unmerge_adapters(lm)
     np.testing.assert_array_equal(greedy_generate(lm), adapted)
 
 
@@ -295,3 +327,16 @@ def test_dense_targets_give_the_same_count_as_enable_lora():
     assert count(ours.trainable_weights) == 2 * (
         (16 * RANK + RANK * 32 + 32) + (32 * RANK + RANK * 16 + 16)
     )
+
+
+def test_causal_lm_example_quick_run_generates_the_same_after_merging():
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "examples", "causal_lm_generate.py",
+    )
+    spec = importlib.util.spec_from_file_location("causal_lm_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(quick=True)
+    assert result["merged_generates_the_same"]
+    assert 0.0 <= result["lora_counts_by_three"] <= 1.0

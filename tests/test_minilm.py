@@ -99,7 +99,7 @@ def test_adapted_minilm_is_still_a_bert_text_classifier(minilm):
 
 def test_query_value_preset_adapts_the_12_query_value_projections(minilm):
     assert list(keras_lora.lora_layers(minilm.classifier)) == (
-        query_value_paths(prefix="bert_backbone/")
+        query_value_paths(prefix=minilm.backbone.name + "/")
     )
     query = keras_lora.lora_layers(minilm.backbone)[query_value_paths()[0]]
     assert query.base_layer.equation == "abc,cde->abde"
