@@ -16,25 +16,17 @@ a minute on a 2-core CPU:
     python examples/causal_lm_generate.py
 """
 
-import os
 import sys
 import time
 
+import _common
 import numpy as np
 
-try:
-    import keras_lora  # noqa: F401
-except ImportError:
-    # Running from a checkout without installing: use the repository.
-    sys.path.insert(
-        0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    )
+import keras
+import keras_hub
 
-import keras  # noqa: E402
-import keras_hub  # noqa: E402
-
-import keras_lora  # noqa: E402
-from keras_lora import hub  # noqa: E402
+import keras_lora
+from keras_lora import hub
 
 VOCABULARY = 40  # token 0 is padding; counting wraps around 1..39
 LENGTH = 12
@@ -92,6 +84,7 @@ def step_accuracy(tokens, step):
     return float(np.mean(tokens[:, 1:] == expected))
 
 
+@_common.one_torch_thread
 def main(quick=False, seed=0):
     """Runs the demo and returns its numbers (used by the tests).
 

@@ -29,21 +29,14 @@ import os
 import sys
 import time
 
+import _common
 import numpy as np
 
-try:
-    import keras_lora  # noqa: F401
-except ImportError:
-    # Running from a checkout without installing: use the repository.
-    sys.path.insert(
-        0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    )
+import keras
+import keras_hub
 
-import keras  # noqa: E402
-import keras_hub  # noqa: E402
-
-import keras_lora  # noqa: E402
-from keras_lora import hub  # noqa: E402
+import keras_lora
+from keras_lora import hub
 
 SEQUENCE_LENGTH = 8
 EPOCHS = 2
@@ -190,6 +183,7 @@ def frozen_baseline(classifier, x_train, y_train, x_test, y_test, epochs):
     return accuracy(head, test_features, y_test)
 
 
+@_common.one_torch_thread
 def main(quick=False, seed=0):
     """Runs the comparison and returns its numbers (used by the tests).
 

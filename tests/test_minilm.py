@@ -8,6 +8,7 @@ change the adapters set every `lora_b` back to zero when they finish.
 
 import importlib.util
 import os
+import sys
 import types
 
 import keras
@@ -46,6 +47,25 @@ def minilm_inputs():
 
 def sequence_output(backbone, inputs):
     return keras.ops.convert_to_numpy(backbone(inputs)["sequence_output"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """PyTorch on one CPU thread for this module, then as it was.
+
+    Small batches split over threads on a shared 2-core CPU ran MiniLM
+    about 3x slower (the Keras torch backend, and transformers here on
+    every backend).
+    """
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +251,12 @@ def test_query_value_counts_vs_keras_hub_enable_lora_on_minilm(minilm):
 def test_example_quick_run_reports_both_accuracies(capsys):
     spec = importlib.util.spec_from_file_location("minilm_example", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    # Examples import `examples/_common.py`.
+    sys.path.insert(0, os.path.dirname(EXAMPLE))
+    try:
+        spec.loader.exec_module(example)
+    finally:
+        sys.path.remove(os.path.dirname(EXAMPLE))
     result = example.main(quick=True)
     for key in ("baseline_accuracy", "lora_accuracy", "majority_accuracy"):
         assert 0.0 <= result[key] <= 1.0
