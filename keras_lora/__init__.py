@@ -8,6 +8,8 @@ from keras_lora.export import export_merged
 from keras_lora.layers import LoRADense
 from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import LoRALayer
+from keras_lora.merge import disable_adapters
+from keras_lora.merge import enable_adapters
 from keras_lora.merge import merge_adapters
 from keras_lora.merge import merge_lora
 from keras_lora.merge import unmerge_adapters
@@ -25,6 +27,8 @@ __all__ = [
     "LoRAEinsumDense",
     "LoRALayer",
     "apply_lora",
+    "disable_adapters",
+    "enable_adapters",
     "export_merged",
     "extend_layout_map",
     "load_adapter",

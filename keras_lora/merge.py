@@ -26,6 +26,7 @@ import keras
 from keras import ops
 
 from keras_lora import model_walk
+from keras_lora.hub import reset_compiled_functions
 from keras_lora.layers import LoRALayer
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
@@ -116,7 +117,7 @@ def merge_adapters(model):
     _check_finite(entries)
     for entry in entries:
         entry.layer.merge()
-    _reset_compiled_functions(model)
+    reset_compiled_functions(model)
     return model
 
 
@@ -133,8 +134,49 @@ def unmerge_adapters(model):
     """
     for entry in _lora_entries(model):
         entry.layer.unmerge()
-    _reset_compiled_functions(model)
+    reset_compiled_functions(model)
     return model
+
+
+def disable_adapters(model):
+    """Turns every LoRA layer's low-rank path off: the model computes the base.
+
+    Unlike `LoRALayer.disable_adapter()` on one layer, this also clears the
+    model's traced `predict` / `fit` / `evaluate` (and keras-hub
+    `generate`) functions, which would otherwise keep the adapter on JAX and
+    TensorFlow.
+
+    Args:
+        model: a Keras model with LoRA layers.
+
+    Returns:
+        `model`.
+
+    Example:
+
+    >>> inputs = keras.Input((8,))
+    >>> model = keras.Model(inputs, LoRADense(4, rank=2)(inputs))
+    >>> model = disable_adapters(model)
+    >>> [layer.adapter_enabled for layer in lora_layers(model).values()]
+    [False]
+    """
+    for entry in _lora_entries(model):
+        entry.layer.disable_adapter()
+    return reset_compiled_functions(model)
+
+
+def enable_adapters(model):
+    """Turns every LoRA layer's low-rank path back on (see `disable_adapters`).
+
+    Args:
+        model: a Keras model with LoRA layers.
+
+    Returns:
+        `model`.
+    """
+    for entry in _lora_entries(model):
+        entry.layer.enable_adapter()
+    return reset_compiled_functions(model)
 
 
 # Shared steps -------------------------------------------------------------
@@ -150,7 +192,7 @@ def _lora_entries(model):
     ]
     if not entries:
         raise ValueError(
-            f"Model '{model.name}' has no LoRA layers to merge. Use "
+            f"Model '{model.name}' has no LoRA layers. Use "
             "`apply_lora` or `load_adapter` first."
         )
     return entries
@@ -180,15 +222,6 @@ def _effective_kernel(layer):
     return layer.base_layer.kernel.value
 
 
-def _reset_compiled_functions(model):
-    # `generate_function`: keras-hub's CausalLM caches a traced `generate`,
-    # which would keep the low-rank path on top of the merged kernel.
-    for name in ("train_function", "test_function", "predict_function",
-                 "generate_function"):
-        if hasattr(model, name):
-            setattr(model, name, None)
-
-
 # In place -----------------------------------------------------------------
 
 
@@ -202,7 +235,7 @@ def _merge_in_place(model, entries):
         layer.base_layer.trainable = layer.trainable
         for parent in entry.parents:
             layer_swap.replace_layer(parent, layer, layer.base_layer)
-    _reset_compiled_functions(model)
+    reset_compiled_functions(model)
     return model
 
 

@@ -171,7 +171,13 @@ def _plan(model, rank, alpha, targets, exclude, dropout, rank_pattern,
             layer_rank,
         )
         lora_class._check_base_layer(entry.layer)
-        lora_class._check_rank_fits(entry.layer, layer_rank)
+        try:
+            lora_class._check_rank_fits(entry.layer, layer_rank)
+        except ValueError as error:
+            raise ValueError(
+                f"{error} Lower its rank with rank_pattern={{{entry.path!r}: "
+                f"...}}, or leave it out with exclude=[{entry.path!r}]."
+            ) from None
         plans.append(
             _Plan(entry.path, entry.layer, entry.parents, lora_class,
                   layer_rank, layer_alpha)

@@ -324,3 +324,21 @@ def test_unrebuildable_model_error_suggests_in_place():
         merge_lora(model)
     merge_lora(model, in_place=True)
     assert not has_lora_layers(model)
+
+
+def test_disable_and_enable_adapters_reach_a_compiled_predict():
+    import keras_lora
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    x = np.random.rand(5, 4).astype("float32")
+    base = model.predict(x, verbose=0)
+    keras_lora.apply_lora(model, rank=2)
+    for layer in keras_lora.lora_layers(model).values():
+        layer.lora_b.assign(np.ones(layer.lora_b.shape))
+    adapted = model.predict(x, verbose=0)
+    assert not np.allclose(adapted, base)
+    keras_lora.disable_adapters(model)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), base)
+    keras_lora.enable_adapters(model)
+    np.testing.assert_allclose(model.predict(x, verbose=0), adapted, atol=1e-6)

@@ -437,3 +437,9 @@ def test_weights_checkpoint_round_trips_lora_inside_custom_layers(tmp_path):
     np.testing.assert_allclose(
         to_numpy(other(x))[0], to_numpy(model(x))[0], atol=1e-6
     )
+
+
+def test_rank_too_big_error_suggests_rank_pattern_or_exclude():
+    model, _ = sequential()
+    with pytest.raises(ValueError, match=r"rank_pattern=\{'dense_\d+': \.\.\.\}.*exclude"):
+        keras_lora.apply_lora(model, rank=4)
