@@ -2,18 +2,25 @@
 
 A file holds exactly two float32 tensors per adapted layer,
 `"<layer path>/lora_a"` and `"<layer path>/lora_b"`, where the path is the
-layer's key in `lora_layers(model)` (e.g. `"block/up"`). Everything else is
-one JSON document in the safetensors header metadata under the key
-`"keras_lora"`:
+layer's key in `lora_layers(model)` (e.g. `"block/up"`), plus one float32
+tensor per other trained weight, `"<layer path>/<variable name>"`: the
+weights of layers kept fully trainable (`apply_lora(trainable=...)`, e.g.
+`"head/kernel"`) and the biases of `train_bias=True` layers
+(`"block/up/bias"`). Everything else is one JSON document in the
+safetensors header metadata under the key `"keras_lora"`:
 
 ```
-{"format": "keras_lora.adapter", "format_version": 1,
+{"format": "keras_lora.adapter", "format_version": 2,
  "keras_lora_version": "0.1.0", "keras_version": "3.15.1", "backend": "jax",
  "layers": {"block/up": {"class": "LoRADense", "base_class": "Dense",
    "rank": 8, "alpha": 16.0, "scaling": 2.0, "use_rslora": false,
    "dropout": 0.0, "train_bias": false, "lora_a_shape": [64, 8],
-   "lora_b_shape": [8, 128], "base_kernel_shape": [64, 128]}}}
+   "lora_b_shape": [8, 128], "base_kernel_shape": [64, 128]}},
+ "trainable_layers": ["head"],
+ "extra_tensors": {"head/kernel": [128, 3], "head/bias": [3]}}
 ```
+
+Version 1 files (no `trainable_layers` / `extra_tensors`) still read.
 
 so any safetensors reader sees a clean file, and `load_adapter` can
 re-create the adaptation on a base model. Files are backend-neutral.
@@ -37,7 +44,7 @@ import safetensors.numpy
 from keras_lora import config as lora_config
 
 FORMAT_NAME = "keras_lora.adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "keras_lora"
 
 # The LoRA classes a file may name (checked against `type(layer).__name__`).
@@ -73,14 +80,20 @@ class AdapterFile:
     path: str
     metadata: dict
     layers: dict  # {layer path: LayerRecord}, in file order
-    tensors: dict  # {"<path>/lora_a": np.ndarray, ...}
+    tensors: dict  # {"<path>/lora_a": np.ndarray, ...}, extras included
+    # Paths of the layers that were fully trainable (`apply_lora(trainable=)`).
+    trainable_layers: tuple = ()
+    # {"<owner layer path>/<variable name>": shape} of the other trained
+    # weights (fully trainable layers, `train_bias` biases).
+    extra_tensors: dict = dataclasses.field(default_factory=dict)
 
     @property
     def parameter_count(self):
         return sum(r.parameter_count for r in self.layers.values())
 
 
-def write_adapter_file(path, tensors, records, who="save_adapter"):
+def write_adapter_file(path, tensors, records, who="save_adapter",
+                       extras=None, trainable_layers=()):
     """Writes tensors and layer records as an adapter file, atomically.
 
     Args:
@@ -88,13 +101,24 @@ def write_adapter_file(path, tensors, records, who="save_adapter"):
         tensors: `{"<layer path>/lora_a": float32 array, ...}`.
         records: `{layer path: dict}`, the per-layer metadata.
         who: the caller's name, for error messages.
+        extras: optional `{"<layer path>/<variable name>": float32 array}`,
+            the other trained weights.
+        trainable_layers: paths of the fully trainable layers.
 
     Returns:
         The absolute path written.
     """
     target = _check_parent(path, who)
+    extras = dict(extras or {})
+    clash = sorted(set(extras) & set(tensors))
+    if clash:
+        raise ValueError(
+            f"{who}: trained weight '{clash[0]}' has the name of an adapter "
+            "tensor; rename the variable."
+        )
+    document = _metadata_json(records, extras, trainable_layers)
     payload = safetensors.numpy.save(
-        tensors, metadata={METADATA_KEY: _metadata_json(records)}
+        {**tensors, **extras}, metadata={METADATA_KEY: document}
     )
     _write_atomically(payload, target)
     return target
@@ -131,7 +155,8 @@ def read_adapter(path):
                 )
             metadata = _parse_metadata(header[METADATA_KEY], where)
             records = _parse_records(metadata, where)
-            _check_tensor_index(handle, records, where)
+            trainable_layers, extra_tensors = _parse_extras(metadata, where)
+            _check_tensor_index(handle, records, extra_tensors, where)
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except _NotAnAdapter as error:
         raise ValueError(str(error)) from None
@@ -143,13 +168,15 @@ def read_adapter(path):
     for key, value in tensors.items():
         if not np.all(np.isfinite(value)):
             raise ValueError(f"{where}: tensor '{key}' holds NaN or infinite values.")
-    return AdapterFile(path, metadata, records, tensors)
+    return AdapterFile(
+        path, metadata, records, tensors, trainable_layers, extra_tensors
+    )
 
 
 # Writing ------------------------------------------------------------------
 
 
-def _metadata_json(records):
+def _metadata_json(records, extras, trainable_layers):
     import keras
 
     import keras_lora
@@ -161,6 +188,10 @@ def _metadata_json(records):
         "keras_version": keras.__version__,
         "backend": keras.backend.backend(),
         "layers": records,
+        "trainable_layers": list(trainable_layers),
+        "extra_tensors": {
+            key: list(value.shape) for key, value in extras.items()
+        },
     }
     return json.dumps(document, separators=(",", ":"))
 
@@ -270,6 +301,34 @@ def _parse_records(metadata, where):
     return records
 
 
+def _parse_extras(metadata, where):
+    """`trainable_layers` and `extra_tensors` (absent in version 1 files)."""
+    layers = metadata.get("trainable_layers", [])
+    if not isinstance(layers, list) or not all(
+        isinstance(p, str) and p for p in layers
+    ):
+        raise _NotAnAdapter(
+            f"{where}: `trainable_layers` must be a list of layer paths, "
+            f"got {layers!r}."
+        )
+    extras = metadata.get("extra_tensors", {})
+    if not isinstance(extras, dict):
+        raise _NotAnAdapter(
+            f"{where}: `extra_tensors` must map names to shapes, got {extras!r}."
+        )
+    shapes = {}
+    for key, shape in extras.items():
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0
+            for d in shape
+        ):
+            raise _NotAnAdapter(
+                f"{where}: extra tensor '{key}' has a bad shape {shape!r}."
+            )
+        shapes[key] = tuple(shape)
+    return tuple(layers), shapes
+
+
 def _as_bool(value, name):
     if not isinstance(value, bool):
         raise ValueError(f"`{name}` must be true or false, got {value!r}")
@@ -284,10 +343,11 @@ def _as_shape(value, name):
     return tuple(value)
 
 
-def _check_tensor_index(handle, records, where):
-    """Each recorded layer has exactly its two float32 tensors, as recorded."""
+def _check_tensor_index(handle, records, extra_tensors, where):
+    """Each recorded layer has exactly its two float32 tensors, as recorded,
+    and each recorded extra tensor is there, float32, of its shape."""
     keys = set(handle.keys())
-    expected = {}
+    expected = dict(extra_tensors)
     for record in records.values():
         expected[f"{record.path}/lora_a"] = record.lora_a_shape
         expected[f"{record.path}/lora_b"] = record.lora_b_shape

@@ -1,7 +1,8 @@
 """save_adapter / load_adapter: adapter files in and out of a model.
 
 The file format (safetensors tensors `"<layer path>/lora_a"` and
-`"<layer path>/lora_b"`, one JSON document in the header) lives in
+`"<layer path>/lora_b"`, the other trained weights as
+`"<layer path>/<variable name>"`, one JSON document in the header) lives in
 `keras_lora.adapter_file`; this module matches a file against a model and
 changes the model only once everything has been checked.
 """
@@ -17,14 +18,18 @@ from keras_lora.layers import lora_class_for
 
 
 def save_adapter(model, path):
-    """Writes the model's LoRA adapters (only them) to a safetensors file.
+    """Writes the model's LoRA adapters and other trained weights to a file.
 
     The write is atomic: the file is written under a temporary name in the
     same directory and renamed over `path`, so an interrupted save leaves
     the previous file (or none), never a partial one. The file holds
-    `lora_a` / `lora_b` of every LoRA layer (float32) plus a small JSON
-    header (see `keras_lora.adapter_file`); its size is the adapter bytes plus a
-    header of a few hundred bytes per layer.
+    `lora_a` / `lora_b` of every LoRA layer (float32), every other
+    trainable weight of the model as float32 `"<layer path>/<variable
+    name>"` (the layers kept fully trainable with
+    `apply_lora(trainable=...)`, e.g. `"head/kernel"`, and the biases of
+    `train_bias=True` layers, `"<LoRA layer path>/bias"`), plus a small JSON
+    header (see `keras_lora.adapter_file`); its size is the tensor bytes
+    plus a header of a few hundred bytes per layer.
 
     Args:
         model: a Keras model with LoRA layers.
@@ -35,8 +40,10 @@ def save_adapter(model, path):
         The absolute path written.
 
     Raises:
-        ValueError: if the model has no LoRA layers or an adapter holds NaN
-            or infinite values.
+        ValueError: if the model has no LoRA layers, an adapter or trained
+            weight holds NaN or infinite values, or a trainable weight
+            belongs to no layer that can be re-created (the model itself,
+            or a layer holding LoRA layers).
         FileNotFoundError: if the parent directory does not exist.
 
     Example:
@@ -66,21 +73,27 @@ def save_adapter(model, path):
                 )
             tensors[f"{layer_path}/{name}"] = value
         records[layer_path] = _record_of(layer)
-    return write_adapter_file(path, tensors, records)
+    extras, trainable_layers = _trained_extras(model, layers)
+    return write_adapter_file(
+        path, tensors, records, extras=extras, trainable_layers=trainable_layers
+    )
 
 
 def load_adapter(model, path):
     """Loads an adapter file into a model; applies LoRA first if needed.
 
     Given a base model (no LoRA layers), LoRA is applied exactly as the file
-    records it (same layers by path, ranks, alphas, rsLoRA, dropout) and the
-    weights are loaded. Given an adapted model, its LoRA layers must match
-    the file's one for one, and the weights are loaded in place.
+    records it (same layers by path, ranks, alphas, rsLoRA, dropout,
+    `train_bias`, the same fully trainable layers) and the weights are
+    loaded. Given an adapted model, its LoRA layers must match the file's
+    one for one, and the weights are loaded in place. In both cases the
+    file's other trained weights (fully trainable layers, `train_bias`
+    biases) are assigned too.
 
     Everything is checked before anything is changed: the file (truncated,
     foreign or non-safetensors files are rejected), every layer path, the
-    LoRA class, rank, alpha, every tensor's shape and dtype, and the base
-    kernel shapes. On any mismatch the error names the first offending
+    LoRA class, rank, alpha, every tensor's shape and dtype (also of the
+    other trained weights), and the base kernel shapes. On any mismatch the error names the first offending
     layer or key (and both shapes), and the model is exactly as before.
     Files load on every backend, whichever backend saved them.
 
@@ -106,13 +119,19 @@ def load_adapter(model, path):
     adapted = lora_layers(model)
     if not adapted:
         _check_base_model(model, adapter)
+        _check_extras(model, {}, adapter)
         _apply_recorded(model, adapter)
         adapted = lora_layers(model)
     _check_adapted_model(adapted, adapter)
+    extras = _check_extras(model, adapted, adapter)
     # Everything matches: only now assign.
     for layer_path, layer in adapted.items():
         layer.lora_a.assign(adapter.tensors[f"{layer_path}/lora_a"])
         layer.lora_b.assign(adapter.tensors[f"{layer_path}/lora_b"])
+    for key, variable in extras.items():
+        variable.assign(
+            ops.cast(adapter.tensors[key], variable.dtype)
+        )
     return model
 
 
@@ -134,6 +153,110 @@ def _record_of(layer):
         "base_kernel_shape": list(layer.base_layer.kernel.shape),
     }
 
+
+
+def _weights_by_key(model, adapted):
+    """`{"<owner path>/<variable name>": variable}` for every weight that can
+    be stored as an extra: the own variables of each layer outside the LoRA
+    layers, and each LoRA layer's bias as `"<LoRA layer path>/bias"`. On a
+    base model, a layer about to be adapted yields the same key for its bias.
+    Also returns `{key: owner path}`.
+    """
+    adapted_ids = {id(layer) for layer in adapted.values()}
+    found, owners = {}, {}
+    entries = model_walk.walk(
+        model, descend_into=lambda layer: id(layer) not in adapted_ids
+    )
+    for entry in entries.values():
+        if id(entry.layer) in adapted_ids:
+            bias = getattr(entry.layer.base_layer, "bias", None)
+            named = [("bias", bias)] if bias is not None else []
+        else:
+            named = [(_short_name(v), v) for v in model_walk.own_variables(entry.layer)]
+        for name, variable in named:
+            key = f"{entry.path}/{name}"
+            if key not in found:
+                found[key], owners[key] = variable, entry.path
+    return found, owners
+
+
+def _short_name(variable):
+    return variable.name.split("/")[-1]
+
+
+def _trained_extras(model, adapted):
+    """The trainable non-adapter weights as float32 arrays, and the paths
+    of the fully trainable layers owning them (LoRA biases excluded)."""
+    adapter_ids = {
+        id(getattr(layer, name))
+        for layer in adapted.values() for name in ("lora_a", "lora_b")
+    }
+    trained = [v for v in model.trainable_weights if id(v) not in adapter_ids]
+    if not trained:
+        return {}, []
+    by_key, owners = _weights_by_key(model, adapted)
+    key_of = {id(v): key for key, v in by_key.items()}
+    extras, trainable_layers = {}, []
+    for variable in trained:
+        key = key_of.get(id(variable))
+        owner = owners.get(key)
+        if key is None or any(
+            path.startswith(owner + "/") for path in adapted
+        ):
+            raise ValueError(
+                f"save_adapter: trainable variable '{variable.path}' belongs "
+                "to no layer whose training `apply_lora(trainable=...)` can "
+                "re-create (it is the model's own or held by a layer that "
+                "holds LoRA layers). Freeze it, or save the whole model."
+            )
+        value = np.ascontiguousarray(
+            ops.convert_to_numpy(ops.cast(variable.value, "float32"))
+        )
+        if not np.all(np.isfinite(value)):
+            raise ValueError(
+                f"save_adapter: trained weight '{key}' holds NaN or infinite "
+                "values; refusing to save it."
+            )
+        extras[key] = value
+        if owner not in adapted and owner not in trainable_layers:
+            trainable_layers.append(owner)
+    return extras, trainable_layers
+
+
+def _check_extras(model, adapted, adapter):
+    """Each extra tensor of the file names a float weight of that shape."""
+    where = f"load_adapter('{adapter.path}')"
+    by_key, _ = _weights_by_key(model, adapted)
+    if not adapted:
+        paths = {e.path for e in model_walk.walk(model).values()}
+        for path in adapter.trainable_layers:
+            if path not in paths:
+                raise ValueError(
+                    f"{where}: the file trains layer '{path}', which is not "
+                    f"in model '{model.name}'. Nothing was changed."
+                )
+    found = {}
+    for key, shape in adapter.extra_tensors.items():
+        variable = by_key.get(key)
+        if variable is None:
+            raise ValueError(
+                f"{where}: trained weight '{key}' (shape {shape}) has no "
+                f"variable in model '{model.name}' (weights there: "
+                f"{_sample(list(by_key))}). Nothing was changed."
+            )
+        if tuple(variable.shape) != tuple(shape):
+            raise ValueError(
+                f"{where}: trained weight '{key}' has shape "
+                f"{tuple(variable.shape)} in the model but {tuple(shape)} in "
+                "the file. Nothing was changed."
+            )
+        if "float" not in str(variable.dtype):
+            raise ValueError(
+                f"{where}: trained weight '{key}' is {variable.dtype} in the "
+                "model, float32 in the file. Nothing was changed."
+            )
+        found[key] = variable
+    return found
 
 
 def _check_base_model(model, adapter):
@@ -197,6 +320,7 @@ def _apply_recorded(model, adapter):
         dropout=first.dropout,
         use_rslora=first.use_rslora,
         train_bias=first.train_bias,
+        trainable=[_ExactPath(path) for path in adapter.trainable_layers] or None,
     )
 
 

@@ -111,7 +111,9 @@ def test_file_holds_exactly_lora_a_and_lora_b_per_layer_as_float32(adapter_path)
 def test_metadata_records_each_layer(adapter_path):
     metadata = read_adapter(adapter_path).metadata
     assert metadata["format"] == "keras_lora.adapter"
-    assert metadata["format_version"] == 1
+    assert metadata["format_version"] == 2
+    assert metadata["trainable_layers"] == []
+    assert metadata["extra_tensors"] == {}
     assert metadata["keras_lora_version"]
     assert list(metadata["layers"]) == PATHS
     einsum = metadata["layers"]["einsum"]
@@ -252,6 +254,105 @@ def test_adapter_saved_on_another_backend_loads_here(tmp_path):
     model = load_adapter(base_model(), path)
     np.testing.assert_allclose(
         to_numpy(model(X)), np.load(tmp_path / "y.npy"), rtol=1e-5, atol=1e-5
+    )
+
+
+# Fully trainable layers and train_bias biases ------------------------------
+
+
+def trained_head_model(seed=0):
+    """LoRA on inner/einsum, a fully trainable head, trained biases, all
+    set to random values (as training would)."""
+    model = adapt(
+        base_model(), seed=seed, targets=["inner/inner_dense", "einsum"],
+        trainable=["head"], train_bias=True, rank_pattern={}, alpha_pattern={},
+    )
+    rng = np.random.default_rng(seed + 100)
+    for variable in model.trainable_weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    return model
+
+
+EXTRA_KEYS = ["inner/inner_dense/bias", "einsum/bias", "head/kernel", "head/bias"]
+
+
+def trainable_paths(model):
+    return sorted(v.path for v in model.trainable_weights)
+
+
+def test_file_holds_trainable_layers_and_trained_biases(tmp_path):
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(trained_head_model(), path)
+    adapter = read_adapter(path)
+    assert adapter.trainable_layers == ("head",)
+    assert sorted(adapter.extra_tensors) == sorted(EXTRA_KEYS)
+    assert adapter.extra_tensors["head/kernel"] == (5, 3)
+    tensors = safetensors.numpy.load_file(path)
+    assert all(tensors[key].dtype == np.float32 for key in EXTRA_KEYS)
+
+
+def test_load_onto_a_base_reproduces_head_biases_and_outputs(tmp_path):
+    original = trained_head_model()
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(original, path)
+    loaded = load_adapter(base_model(), path)
+    np.testing.assert_allclose(
+        to_numpy(loaded(X)), to_numpy(original(X)), rtol=0, atol=1e-6
+    )
+    values = {v.path: to_numpy(v) for v in original.trainable_weights}
+    for variable in loaded.trainable_weights:
+        np.testing.assert_array_equal(to_numpy(variable), values[variable.path])
+
+
+def test_loaded_model_trains_the_same_variables(tmp_path):
+    original = trained_head_model()
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(original, path)
+    loaded = load_adapter(base_model(), path)
+    assert trainable_paths(loaded) == trainable_paths(original)
+    assert "head/kernel" in trainable_paths(loaded)
+
+
+def test_load_into_an_adapted_model_assigns_the_extras(tmp_path):
+    path = str(tmp_path / "a.safetensors")
+    original = trained_head_model()
+    save_adapter(original, path)
+    model = trained_head_model(seed=4)
+    load_adapter(model, path)
+    np.testing.assert_allclose(
+        to_numpy(model(X)), to_numpy(original(X)), rtol=0, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("kind", ["base", "adapted"])
+def test_extra_tensor_shape_mismatch_names_key_and_leaves_model(tmp_path, kind):
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(trained_head_model(), path)
+    model = base_model(head_units=4)
+    if kind == "adapted":
+        model = adapt(
+            model, targets=["inner/inner_dense", "einsum"], trainable=["head"],
+            train_bias=True, rank_pattern={}, alpha_pattern={},
+        )
+    before = state(model)
+    with pytest.raises(
+        ValueError,
+        match=r"'head/kernel' has shape \(5, 4\) in the model but \(5, 3\) in the file",
+    ):
+        load_adapter(model, path)
+    assert_unchanged(model, before)
+
+
+def test_version_1_file_without_extras_still_loads(adapter_path, tmp_path):
+    def as_version_1(tensors, document):
+        document = dict(document, format_version=1)
+        del document["trainable_layers"], document["extra_tensors"]
+        return tensors, document
+
+    path = rewrite(adapter_path, str(tmp_path / "v1.safetensors"), as_version_1)
+    expected = to_numpy(adapt(base_model())(X))
+    np.testing.assert_allclose(
+        to_numpy(load_adapter(base_model(), path)(X)), expected, rtol=1e-6
     )
 
 
