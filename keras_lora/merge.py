@@ -183,13 +183,9 @@ def enable_adapters(model):
 
 
 def _lora_entries(model):
-    entries = [
-        entry
-        for entry in model_walk.walk(
-            model, descend_into=lambda layer: not isinstance(layer, LoRALayer)
-        ).values()
-        if isinstance(entry.layer, LoRALayer)
-    ]
+    from keras_lora.surgery import lora_entries
+
+    entries = lora_entries(model)
     if not entries:
         raise ValueError(
             f"Model '{model.name}' has no LoRA layers. Use "

@@ -21,8 +21,7 @@ import keras
 
 from keras_lora import adapters
 from keras_lora import layer_swap
-from keras_lora import model_walk
-from keras_lora.layers import LoRALayer
+from keras_lora.surgery import lora_entries
 
 ADAPTER_MEMBER = "keras_lora/adapter.safetensors"
 
@@ -59,12 +58,7 @@ def save_model(model, path):
             f"save_model: the directory of '{path}' does not exist. "
             "Create it first."
         )
-    entries = [
-        e for e in model_walk.walk(
-            model, descend_into=lambda layer: not isinstance(layer, LoRALayer)
-        ).values()
-        if isinstance(e.layer, LoRALayer)
-    ]
+    entries = lora_entries(model)
     if not entries:
         raise ValueError(
             f"save_model: model '{model.name}' has no LoRA layers; use "

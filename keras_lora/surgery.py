@@ -308,13 +308,24 @@ def lora_layers(model):
     >>> list(lora_layers(apply_lora(model, rank=2)))
     ['dense']
     """
+    return collections.OrderedDict(
+        (entry.path, entry.layer) for entry in lora_entries(model)
+    )
+
+
+def lora_entries(model):
+    """Every LoRA layer with its path and the layers holding it.
+
+    Args:
+        model: a Keras model or layer.
+
+    Returns:
+        A list of `model_walk.LayerEntry(path, layer, parents)`.
+    """
     entries = model_walk.walk(
         model, descend_into=lambda layer: not isinstance(layer, LoRALayer)
     )
-    return collections.OrderedDict(
-        (e.path, e.layer) for e in entries.values()
-        if isinstance(e.layer, LoRALayer)
-    )
+    return [e for e in entries.values() if isinstance(e.layer, LoRALayer)]
 
 
 def trainable_parameter_report(model):
