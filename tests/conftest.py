@@ -3,6 +3,13 @@
 import keras
 import pytest
 
+if keras.backend.backend() == "torch":
+    import torch
+
+    # The suite's models are tiny: one intra-op thread avoids thread
+    # hand-off overhead that dominates on 2 shared cores.
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def keras_state():
