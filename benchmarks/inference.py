@@ -6,16 +6,14 @@ adapter changes the output and "merged equals unmerged" is a real check.
 
 import numpy as np
 
-import keras
-
 from benchmarks import timing
 from benchmarks import training
 from benchmarks import variants
 from benchmarks import workloads
 
-BASE = "base"
-UNMERGED = "lora_unmerged"
-MERGED = "merged"
+from benchmarks.names import BASE
+from benchmarks.names import MERGED
+from benchmarks.names import UNMERGED
 
 
 def lora_layers_of(model):

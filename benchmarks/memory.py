@@ -1,7 +1,14 @@
 """Peak process memory of a short training run, full vs keras-lora.
 
-`ru_maxrss` only ever grows, so each variant needs a fresh process:
-`peak_rss` runs this file as a script once per variant.
+Peak RSS only ever grows, so each variant trains in a fresh process: this
+file, run as a script. `run.py` starts those processes itself, not from a
+backend worker: on Linux a child's `ru_maxrss` starts from its parent's
+peak at `fork`, so a child of a multi-GiB worker would report the worker's
+memory. This module imports no backend at import time for the same reason.
+
+Each process reports `ru_maxrss` (`resource.getrusage`) and the kernel's
+own marks from `/proc/self/status`: VmRSS before and after training and
+VmHWM (the peak since `exec`, which no parent inflates).
 """
 
 import json
@@ -9,95 +16,113 @@ import os
 import subprocess
 import sys
 
-from benchmarks import training
-from benchmarks import variants
-from benchmarks import workloads
+# Run as a script, this file needs the repository root on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import names  # noqa: E402
 
 # Peak RSS is measured on one case: the BERT stack in a full run, the MLP
 # in a quick run (its processes then need no keras-hub import).
 RSS_CASES = {
-    False: (workloads.TRANSFORMER, workloads.ALL_LINEAR),
-    True: (workloads.MLP, workloads.ALL_LINEAR),
+    False: (names.TRANSFORMER, names.ALL_LINEAR),
+    True: (names.MLP, names.ALL_LINEAR),
 }
-RSS_VARIANTS = (variants.FULL, variants.KERAS_LORA)
+RSS_VARIANTS = (names.FULL, names.KERAS_LORA)
 
 
-def peak_rss(sizes, quick, log):
-    """Peak RSS of a short training run per variant, one process each."""
+def peak_rss(quick, env, log, steps):
+    """Memory of a short training run per variant, one process each.
+
+    Args:
+        quick: use the tiny sizes.
+        env: the environment of the child processes (`KERAS_BACKEND`, thread
+            limits).
+        log: a `print`-like function.
+        steps: the number of training steps each process runs.
+
+    Returns:
+        The memory section of a backend's results.
+    """
     rows = {}
     for variant in RSS_VARIANTS:
-        command = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--variant",
-            variant,
-        ] + (["--quick"] if quick else [])
+        command = [sys.executable, os.path.abspath(__file__), "--variant",
+                   variant] + (["--quick"] if quick else [])
         done = subprocess.run(
-            command, capture_output=True, text=True, env=_child_env()
+            command, capture_output=True, text=True, env=_child_env(env)
         )
         if done.returncode != 0:
             tail = done.stderr.strip().splitlines()[-3:]
             rows[variant] = {"error": " | ".join(tail)}
-            log(f"  peak RSS {variant}: FAILED {tail}")
+            log(f"  memory {variant}: FAILED {tail}")
             continue
         rows[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        log(f"  peak RSS {variant}: {rows[variant]}")
+        log(f"  memory {variant}: {rows[variant]}")
     workload, targets = RSS_CASES[quick]
     return {
-        "workload": workload,
-        "targets": targets,
-        "steps": sizes.memory_steps,
-        "variants": rows,
+        "status": "ok",
+        "peak_rss": {
+            "workload": workload,
+            "targets": targets,
+            "steps": steps,
+            "variants": rows,
+        },
     }
 
 
-def _child_env():
-    env = dict(os.environ)
+def _child_env(env):
+    env = dict(env)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
-def run(sizes, quick, log):
-    """Peak RSS per variant. (Exact byte counts come with each training
-    row: they are taken from the very models that were timed.)"""
-    return {"status": "ok", "peak_rss": peak_rss(sizes, quick, log)}
+def _status_mib(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in MiB."""
+    with open("/proc/self/status") as file:
+        for line in file:
+            name, _, value = line.partition(":")
+            if name == field:
+                return int(value.split()[0]) / 1024.0
+    raise KeyError(field)
 
 
 def _measure_one(variant, quick):
-    """Trains one variant briefly; prints its RSS figures as JSON."""
+    """Trains one variant briefly; prints its memory figures as JSON."""
     import resource
 
     from benchmarks import sizes as sizes_module
+    from benchmarks import threads
+    from benchmarks import training
+    from benchmarks import variants
 
+    threads.limit_torch()
     sizes = sizes_module.sizes_for(quick)
     workload, targets = RSS_CASES[quick]
-
-    def max_rss_mb():
-        # Linux reports ru_maxrss in KiB.
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
     model, _ = variants.build(workload, variant, targets, sizes)
     training.compiled(model, "auto")
     x, y = training.batch_for(workload, sizes)
-    before = max_rss_mb()
+    rss_built = _status_mib("VmRSS")
     for _ in range(sizes.memory_steps):
         model.train_on_batch(x, y)
-    after = max_rss_mb()
-    print(
-        json.dumps(
-            {
-                "peak_rss_mb_after_build": round(before, 1),
-                "peak_rss_mb_after_training": round(after, 1),
-                "training_growth_mb": round(after - before, 1),
-            }
-        )
-    )
+    rss_trained = _status_mib("VmRSS")
+    figures = {
+        "rss_after_build_mib": rss_built,
+        "rss_after_training_mib": rss_trained,
+        "training_growth_mib": rss_trained - rss_built,
+        "peak_rss_mib": _status_mib("VmHWM"),
+        # Linux reports ru_maxrss in KiB.
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        / 1024.0,
+    }
+    print(json.dumps({k: round(v, 1) for k, v in figures.items()}))
 
 
 if __name__ == "__main__":
     import argparse
 
+    from benchmarks import threads as _threads
+
+    _threads.limit_from_environment()
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", required=True, choices=RSS_VARIANTS)
     parser.add_argument("--quick", action="store_true")

@@ -13,10 +13,10 @@ from benchmarks import training
 from benchmarks import variants
 from benchmarks import workloads
 
-KERAS_LORA = "keras_lora"
-KERAS_FULL = "keras_full"
-PEFT_LORA = "peft_lora"
-TORCH_FULL = "torch_full"
+from benchmarks.names import PEFT_KERAS_FULL as KERAS_FULL
+from benchmarks.names import PEFT_KERAS_LORA as KERAS_LORA
+from benchmarks.names import PEFT_LORA
+from benchmarks.names import TORCH_FULL
 
 
 def torch_mlp(sizes):

@@ -3,7 +3,7 @@
 import os
 
 from benchmarks import targets as targets_module
-from benchmarks import variants
+from benchmarks import names as variants
 
 _FINDINGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "FINDINGS.md")
 
@@ -55,7 +55,7 @@ def targets_section(results):
             met = {True: "met", False: "**missed**", None: "not measured"}[
                 check["met"]]
             rows.append([result["backend"], check["label"], mode,
-                         _fmt(check["value"]), _fmt(check["limit"]), met])
+                         _fmt(check["value"], 3), _fmt(check["limit"]), met])
     lines += _table(["backend", "target", "mode", "ratio", "limit", ""], rows)
     return lines + [""]
 
@@ -149,7 +149,7 @@ def inference_section(results):
         "",
         "`predict_on_batch`, `jit_compile=\"auto\"` (the backend default). "
         "Every `lora_b` is set to random values so the adapter changes the "
-        "output; \"max |merged − unmerged|\" checks that merging is exact.",
+        "output; the last column checks that merging is exact.",
         "",
     ]
     rows, notes = [], set()
@@ -176,7 +176,7 @@ def inference_section(results):
             notes.update(row.get("notes", []))
     lines += _table(
         ["backend", "workload", "merged / base", "unmerged / base",
-         "median ms (base / unmerged / merged)", "max |merged − unmerged|"],
+         "median ms (base / unmerged / merged)", "max abs(merged − unmerged)"],
         rows,
     )
     return lines + [""] + [f"- {n}" for n in sorted(notes)] + [""]
@@ -254,10 +254,15 @@ def memory_section(results):
         )
         lines += ["", _same_counts_line(first, results), ""]
     lines += [
-        "Peak resident memory of a short training run (one fresh process "
-        "per variant, `resource.getrusage(...).ru_maxrss`, "
-        "`jit_compile=\"auto\"`; the first column is the peak before the "
-        "first step, imports and model included):",
+        "Resident memory of a short training run (`jit_compile=\"auto\"`), "
+        "one fresh process per variant started from the small `run.py` "
+        "process (a child's `ru_maxrss` starts at its parent's peak). "
+        "\"growth\" is RSS after the training steps minus RSS after the "
+        "model was built: what training adds (optimizer state, gradients, "
+        "activations, compiled step; allocators keep what they reserved). "
+        "\"peak\" is the kernel's VmHWM, the highest RSS of the process "
+        "(imports, build and compilation included); `ru_maxrss` is "
+        "`resource.getrusage(RUSAGE_SELF)`.",
         "",
     ]
     rows = []
@@ -267,22 +272,23 @@ def memory_section(results):
             continue
         rss = section["peak_rss"]
         for variant, values in rss["variants"].items():
+            run = f"{rss['workload']} {rss['targets']}, {_VARIANT_LABELS[variant]}"
             if "error" in values:
-                rows.append([result["backend"], _VARIANT_LABELS[variant],
-                             f"error: {values['error'][:80]}", "", ""])
+                rows.append([result["backend"], run,
+                             f"error: {values['error'][:80]}", "", "", "", ""])
                 continue
             rows.append([
-                result["backend"],
-                f"{rss['workload']} {rss['targets']}, "
-                f"{_VARIANT_LABELS[variant]}",
-                _fmt(values["peak_rss_mb_after_build"], 0),
-                _fmt(values["peak_rss_mb_after_training"], 0),
-                _fmt(values["training_growth_mb"], 0),
+                result["backend"], run,
+                _fmt(values.get("rss_after_build_mib"), 0),
+                _fmt(values.get("rss_after_training_mib"), 0),
+                _fmt(values.get("training_growth_mib"), 0),
+                _fmt(values.get("peak_rss_mib"), 0),
+                _fmt(values.get("ru_maxrss_mib"), 0),
             ])
     lines += _table(
-        ["backend", "run", "peak RSS after build (MiB)",
-         "peak RSS after training (MiB)",
-         "growth (MiB)"],
+        ["backend", "run", "RSS after build (MiB)",
+         "RSS after training (MiB)", "growth (MiB)", "peak (MiB)",
+         "ru_maxrss (MiB)"],
         rows,
     )
     return lines + [""]
@@ -328,9 +334,17 @@ def lifecycle_section(results):
     return lines + [""]
 
 
-def machine_section(machine, command, quick):
-    lines = ["## How this was run", "", "```", command, "```", ""]
+def machine_section(machine, command, quick, results):
+    lines = ["## How this was run", "", "```bash", command, "```", ""]
     lines += [f"- {key}: {value}" for key, value in machine.items()]
+    limits = {r["backend"]: r.get("threads", {}) for r in results}
+    for backend, limit in limits.items():
+        if limit.get("requested"):
+            lines.append(
+                f"- {backend} process pinned to {limit['schedulable_cores']} "
+                f"core(s), thread pools of {limit['requested']} "
+                "(`--threads`, see `benchmarks/threads.py`)"
+            )
     if quick:
         lines += ["- **quick mode**: tiny sizes, a smoke run; the numbers "
                   "mean nothing."]
@@ -348,8 +362,8 @@ def sizes_lines(results, deviations):
         f"{s['num_layers']} layers, hidden {s['hidden_dim']}, intermediate "
         f"{s['intermediate_dim']}, {s['num_heads']} heads, sequence "
         f"{s['seq_len']}, batch {s['seq_batch']}; rank {s['rank']}. "
-        f"{s['warmup']} warm-up steps and {s['repeats']} timed rounds per "
-        "variant.",
+        f"Per variant: {s['warmup']} untimed warm-up step(s), then "
+        f"{s['repeats']} timed rounds.",
         "",
     ] + (["Departures from the issue's suggested sizes:", ""] + notes + [""]
          if notes else [])
@@ -373,6 +387,18 @@ def render(results, machine, command, chart_name, quick, gpu_note,
         "running: read the ratios, not the milliseconds.",
         "",
     ]
+    pinned = {(r.get("threads") or {}).get("requested") for r in results}
+    pinned.discard(None)
+    if pinned:
+        count = max(pinned)
+        lines += [
+            f"Each backend process was pinned to {count} core(s) with thread "
+            f"pools of {count} (`--threads {count}`): with two threads on "
+            "this machine, every op waits for "
+            "threads the neighbours preempt, which charges LoRA's many "
+            "small ops milliseconds each (Analysis, section 2).",
+            "",
+        ]
     lines += sizes_lines(results, deviations)
     lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
               ""]
@@ -382,7 +408,7 @@ def render(results, machine, command, chart_name, quick, gpu_note,
     lines += inference_section(results)
     lines += memory_section(results)
     lines += lifecycle_section(results)
-    lines += machine_section(machine, command, quick)
+    lines += machine_section(machine, command, quick, results)
     lines += ["## GPU", "", gpu_note, ""]
     if os.path.exists(_FINDINGS):
         with open(_FINDINGS) as file:

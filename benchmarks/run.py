@@ -26,10 +26,13 @@ sys.path.insert(0, ROOT)
 
 from benchmarks import chart  # noqa: E402
 from benchmarks import machine  # noqa: E402
+from benchmarks import memory  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks import sizes  # noqa: E402
+from benchmarks import threads  # noqa: E402
 
 BACKENDS = ("jax", "tensorflow", "torch")
+SECTIONS = ("training", "peft", "inference", "memory", "lifecycle")
 CHART_SUFFIX = "_step_ratios.png"
 NO_GPU_NOTE = (
     "No GPU machine was lent to this task, so there is no GPU table. Run "
@@ -64,6 +67,16 @@ def parse_arguments(argv):
         help="only these sections: training peft inference memory lifecycle",
     )
     parser.add_argument(
+        "--threads", type=int,
+        help="pin each backend process to this many cores (see "
+        "benchmarks/threads.py); default: no limit",
+    )
+    parser.add_argument(
+        "--from-json",
+        help="render the page from a saved raw results file instead of "
+        "running (after editing FINDINGS.md or the report code)",
+    )
+    parser.add_argument(
         "--in-process", action="store_true",
         help="run in this process instead of a subprocess per backend "
         "(for the smoke test; only the current KERAS_BACKEND)",
@@ -81,7 +94,34 @@ def default_output(quick):
     return os.path.join(ROOT, "docs", "benchmarks.md")
 
 
-def run_backend(backend, quick, sections, folder):
+def backend_env(backend, thread_count):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    if thread_count:
+        env[threads.ENV] = str(thread_count)
+    return env
+
+
+def wants(sections, name):
+    return not sections or name in sections
+
+
+def add_memory(result, quick, sections, env):
+    """Runs the memory section from this (small) process; see memory.py."""
+    if not wants(sections, "memory"):
+        return result
+    backend = env["KERAS_BACKEND"]
+    print(f"[{backend}] memory ...", flush=True)
+    start = time.perf_counter()
+    section = memory.peak_rss(
+        quick, env, lambda m: print(f"[{backend}] {m}", flush=True),
+        sizes.sizes_for(quick).memory_steps,
+    )
+    section["seconds"] = round(time.perf_counter() - start, 1)
+    result["sections"]["memory"] = section
+    return result
+
+
+def run_backend(backend, quick, sections, folder, thread_count=None):
     """Runs `worker.py` under `backend`; returns its results (or an error)."""
     out = os.path.join(folder, f"{backend}.json")
     command = [sys.executable, os.path.join(ROOT, "benchmarks", "worker.py"),
@@ -90,13 +130,12 @@ def run_backend(backend, quick, sections, folder):
         command.append("--quick")
     if sections:
         command += ["--sections", *sections]
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    env = backend_env(backend, thread_count)
     print(f"=== {backend} ===", flush=True)
     start = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=ROOT)
-    print(f"=== {backend}: {time.perf_counter() - start:.0f}s ===", flush=True)
     if done.returncode != 0 or not os.path.exists(out):
-        return {
+        result = {
             "backend": backend,
             "quick": quick,
             "sizes": {},
@@ -104,8 +143,11 @@ def run_backend(backend, quick, sections, folder):
             "sections": {},
             "error": f"worker exited with status {done.returncode}",
         }
-    with open(out) as file:
-        return json.load(file)
+    else:
+        with open(out) as file:
+            result = add_memory(json.load(file), quick, sections, env)
+    print(f"=== {backend}: {time.perf_counter() - start:.0f}s ===", flush=True)
+    return result
 
 
 def run_here(backends, quick, sections):
@@ -120,7 +162,19 @@ def run_here(backends, quick, sections):
             "--in-process runs on the current backend only. Received: "
             f"--backend {backends} with KERAS_BACKEND={current!r}"
         )
-    return worker.collect(quick, sections)
+    worker_sections = [s for s in sections or SECTIONS if s != "memory"]
+    result = worker.collect(quick, worker_sections)
+    return add_memory(result, quick, sections, backend_env(current, None))
+
+
+def load_results(path, argv):
+    """Results and the original arguments from a raw results file."""
+    with open(path) as file:
+        saved = json.load(file)
+    if isinstance(saved, list):  # Files written before the command was kept.
+        kept = [a for a in argv if a != "--from-json" and a != path]
+        return saved, kept
+    return saved["results"], saved["command"].split()[2:]
 
 
 def command_line(argv):
@@ -132,24 +186,30 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     arguments = parse_arguments(argv)
     backends = arguments.backend or list(BACKENDS)
-    output = os.path.abspath(arguments.output or default_output(arguments.quick))
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    if arguments.in_process:
+    if arguments.from_json:
+        results, argv = load_results(arguments.from_json, argv)
+    elif arguments.in_process:
         results = [
             run_here(arguments.backend, arguments.quick, arguments.sections)
         ]
     else:
         with tempfile.TemporaryDirectory() as folder:
             results = [
-                run_backend(b, arguments.quick, arguments.sections, folder)
+                run_backend(b, arguments.quick, arguments.sections, folder,
+                            arguments.threads)
                 for b in backends
             ]
+    quick = any(r.get("quick") for r in results)
+    output = os.path.abspath(arguments.output or default_output(quick))
+    os.makedirs(os.path.dirname(output), exist_ok=True)
     stem = os.path.splitext(output)[0]
     raw = arguments.json or os.path.join(
         ROOT, "bench_output", os.path.basename(stem) + ".json")
     os.makedirs(os.path.dirname(os.path.abspath(raw)), exist_ok=True)
-    with open(raw, "w") as file:
-        json.dump(results, file, indent=1)
+    if not arguments.from_json:
+        with open(raw, "w") as file:
+            json.dump({"command": command_line(argv), "results": results},
+                      file, indent=1)
     chart_path = chart.draw(
         [r for r in results if "error" not in r], stem + CHART_SUFFIX
     )
@@ -158,9 +218,9 @@ def main(argv=None):
         machine.describe(),
         command_line(argv),
         os.path.basename(chart_path) if chart_path else None,
-        arguments.quick,
+        quick,
         arguments.gpu_note,
-        () if arguments.quick else sizes.FULL_DEVIATIONS,
+        () if quick else sizes.FULL_DEVIATIONS,
     )
     failed = [f"{r['backend']}: {r['error']}" for r in results if "error" in r]
     if failed:

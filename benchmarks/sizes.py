@@ -49,7 +49,6 @@ FULL_DEVIATIONS = (
     "BERT batch 4 instead of 8 (512 tokens per step): the three backends, "
     "both jit modes and every variant have to fit in about 15 minutes on "
     "2 shared cores.",
-    "5 timed rounds after 1 warm-up step per variant (medians of 5).",
 )
 
 FULL = Sizes(

@@ -1,12 +1,10 @@
 """The performance targets of the benchmark issue, checked against results."""
 
-from benchmarks import inference
-from benchmarks import peft_torch
-from benchmarks import variants
-from benchmarks import workloads
+from benchmarks import names as workloads
+from benchmarks.names import ratio_key
 
-LORA_FULL = f"{variants.KERAS_LORA}/{variants.FULL}"
-LORA_BUILTIN = f"{variants.KERAS_LORA}/{variants.KERAS_ENABLE_LORA}"
+LORA_FULL = ratio_key(workloads.KERAS_LORA, workloads.FULL)
+LORA_BUILTIN = ratio_key(workloads.KERAS_LORA, workloads.KERAS_ENABLE_LORA)
 
 # (workload, targets, ratio key, limit, label)
 STEP_TARGETS = (
@@ -24,13 +22,13 @@ STEP_TARGETS = (
      "BERT query/value: keras-lora < Keras enable_lora"),
 )
 PEFT_TARGET = (
-    f"{peft_torch.KERAS_LORA}/{peft_torch.PEFT_LORA}", 1.05,
+    ratio_key(workloads.PEFT_KERAS_LORA, workloads.PEFT_LORA), 1.05,
     "torch MLP: keras-lora ≤ 1.05 × PEFT",
 )
 INFERENCE_TARGETS = (
-    (f"{inference.MERGED}/{inference.BASE}", 1.03,
+    (ratio_key(workloads.MERGED, workloads.BASE), 1.03,
      "inference: merged within 3 % of base"),
-    (f"{inference.UNMERGED}/{inference.BASE}", 1.10,
+    (ratio_key(workloads.UNMERGED, workloads.BASE), 1.10,
      "inference: unmerged LoRA ≤ 1.10 × base"),
 )
 

@@ -6,6 +6,7 @@ import traceback
 import keras
 import numpy as np
 
+from benchmarks import names
 from benchmarks import timing
 from benchmarks import variants
 from benchmarks import workloads
@@ -76,8 +77,7 @@ def memory_counts(model):
     }
 
 
-def ratio_key(numerator, denominator):
-    return f"{numerator}/{denominator}"
+ratio_key = names.ratio_key
 
 
 def measure_case(workload, targets, jit_compile, sizes, log):

@@ -10,14 +10,16 @@ Both LoRA variants train exactly the A and B matrices: the targets' biases
 are frozen in both (Keras's `enable_lora` would leave them trainable).
 """
 
+from unittest import mock
+
 import keras
 
 from benchmarks import workloads
 
-FULL = "full"
-KERAS_LORA = "keras_lora"
-KERAS_ENABLE_LORA = "keras_enable_lora"
-VARIANTS = (FULL, KERAS_LORA, KERAS_ENABLE_LORA)
+from benchmarks.names import FULL
+from benchmarks.names import KERAS_ENABLE_LORA  # noqa: F401
+from benchmarks.names import KERAS_LORA
+from benchmarks.names import VARIANTS  # noqa: F401
 
 _KERAS_LORA_NAMES = ("lora_a", "lora_b")
 _KERAS_BUILTIN_NAMES = ("lora_kernel_a", "lora_kernel_b")
@@ -72,7 +74,17 @@ def adapt_with_keras_lora(model, targets, rank, lora_class_for=None):
         `(model, note)`: the adapted model and how it was adapted.
     """
     apply_lora, why_not = apply_lora_or_reason()
-    if lora_class_for is not None:
+    if lora_class_for is not None and apply_lora is not None:
+        # Experiments: apply_lora with another `layer -> class` table.
+        with mock.patch("keras_lora.surgery.lora_class_for", lora_class_for):
+            model = apply_lora(
+                model,
+                rank=rank,
+                targets=lambda path, layer: workloads.is_target(
+                    layer, targets),
+            )
+        note = "experiment: apply_lora with experiment LoRA classes"
+    elif lora_class_for is not None:
         model = swap_in_wrappers(model, targets, rank, lora_class_for)
         note = "experiment: LoRA classes swapped in by hand"
     elif apply_lora is not None:

@@ -1,7 +1,8 @@
 """One backend's benchmarks, run in a process of its own.
 
 `run.py` starts this script once per backend with `KERAS_BACKEND` set and
-reads the JSON it writes. A section that fails or whose keras-lora
+reads the JSON it writes (the memory section runs from `run.py` itself,
+see `memory.py`). A section that fails or whose keras-lora
 function does not exist yet is recorded (and printed) with its reason;
 the other sections still run.
 """
@@ -15,11 +16,15 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import threads  # noqa: E402
+
+# Before any backend is imported: thread pools are sized at import.
+threads.limit_from_environment()
+
 import keras  # noqa: E402
 
 from benchmarks import inference  # noqa: E402
 from benchmarks import lifecycle  # noqa: E402
-from benchmarks import memory  # noqa: E402
 from benchmarks import peft_torch  # noqa: E402
 from benchmarks import sizes as sizes_module  # noqa: E402
 from benchmarks import training  # noqa: E402
@@ -73,12 +78,13 @@ def collect(quick, sections=None):
         "training": lambda: training.run(sizes, log),
         "peft": lambda: peft_torch.run(sizes, log),
         "inference": lambda: inference.run(sizes, log),
-        "memory": lambda: memory.run(sizes, quick, log),
         "lifecycle": lambda: lifecycle.run(sizes, log),
     }
+    threads.limit_torch()
     results = {
         "backend": keras.backend.backend(),
         "quick": quick,
+        "threads": threads.describe(),
         "sizes": sizes_module.as_dict(sizes),
         "versions": versions(),
         "sections": {},

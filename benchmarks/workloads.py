@@ -8,15 +8,14 @@ import numpy as np
 
 import keras
 
-MLP = "mlp"
-TRANSFORMER = "bert"
+from benchmarks.names import ALL_LINEAR  # noqa: F401
+from benchmarks.names import ATTENTION
+from benchmarks.names import FEED_FORWARD
+from benchmarks.names import MLP
+from benchmarks.names import QUERY_VALUE
+from benchmarks.names import TRANSFORMER  # noqa: F401
 
 # Attention projections keras-hub's `backbone.enable_lora` adapts.
-QUERY_VALUE = "query/value"
-ALL_LINEAR = "all-linear"
-# Halves of all-linear, for experiments that localise a cost.
-FEED_FORWARD = "feed-forward"
-ATTENTION = "attention"
 
 _QUERY_VALUE_NAMES = ("query", "value")
 

@@ -28,7 +28,7 @@ def quick_run(tmp_path_factory):
         "--json", str(folder / "results.json"),
     ])
     with open(folder / "results.json") as file:
-        results = json.load(file)
+        results = json.load(file)["results"]
     with open(page) as file:
         text = file.read()
     return folder, results, text
@@ -92,7 +92,9 @@ def test_peak_rss_is_measured_for_full_and_lora(quick_run):
     _, results, _ = quick_run
     rss = results[0]["sections"]["memory"]["peak_rss"]["variants"]
     for variant in ("full", "keras_lora"):
-        assert rss[variant]["peak_rss_mb_after_training"] > 0, rss[variant]
+        figures = rss[variant]
+        assert figures["peak_rss_mib"] >= figures["rss_after_training_mib"] > 0
+        assert figures["ru_maxrss_mib"] > 0, figures
 
 
 def test_peft_section_runs_on_torch_only(quick_run):
@@ -112,6 +114,16 @@ def test_lifecycle_times_apply_lora_and_adapter_files(quick_run):
     assert [r["num_layers"] for r in apply_rows] == [1, 2]
     assert all(r["adapted_layers"] > 0 for r in apply_rows)
     assert lifecycle["adapter_io"]["file_bytes"] > 0
+
+
+def test_memory_cases_name_real_workloads_and_variants():
+    from benchmarks import memory
+    from benchmarks import workloads
+
+    for workload, targets_name in memory.RSS_CASES.values():
+        assert workload in (workloads.MLP, workloads.TRANSFORMER)
+        assert targets_name == workloads.ALL_LINEAR
+    assert set(memory.RSS_VARIANTS) <= set(variants.VARIANTS)
 
 
 def test_every_target_is_checked(quick_run):

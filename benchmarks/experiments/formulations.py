@@ -136,7 +136,9 @@ def class_table(dense_class, einsum_class=LoRAEinsumDense):
     def lora_class_for(layer):
         if isinstance(layer, keras.layers.EinsumDense):
             return einsum_class
-        return dense_class
+        if isinstance(layer, keras.layers.Dense):
+            return dense_class
+        return None
 
     return lora_class_for
 

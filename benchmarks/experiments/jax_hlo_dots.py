@@ -32,14 +32,20 @@ def main():
     targets = sys.argv[1]
     variant = variants.FULL if targets == "full" else variants.KERAS_LORA
     sizes = dataclasses.replace(sizes_module.FULL, num_layers=1)
-    model, _ = variants.build(w.TRANSFORMER, variant,
+    workload = os.environ.get("WORKLOAD", w.TRANSFORMER)
+    table = None
+    if os.environ.get("FORMULATION"):
+        from benchmarks.experiments import formulations
+        table = formulations.combo(os.environ["FORMULATION"])
+    model, _ = variants.build(workload, variant,
                               w.ALL_LINEAR if targets == "full" else targets,
-                              sizes)
-    x, y = training.batch_for(w.TRANSFORMER, sizes)
+                              sizes, table)
+    x, y = training.batch_for(workload, sizes)
     tv = [v.value for v in model.trainable_variables]
     ntv = [v.value for v in model.non_trainable_variables]
     text = grad_fn(model).lower(tv, ntv, x, y).compile().as_text()
-    with open(f"/tmp/hlo_{targets}.txt", "w") as f:
+    tag = f"{workload}_{targets}_{os.environ.get('FORMULATION', '')}".replace("/", "-")
+    with open(f"/tmp/hlo_{tag}.txt", "w") as f:
         f.write(text)
     for line in text.splitlines():
         if re.search(r"\bdot\(|custom-call|convolution\(", line):
