@@ -8,11 +8,10 @@ import sys
 import keras
 import numpy as np
 import pytest
-from keras import layers
+import test_cli
 
 from keras_lora import export
 from keras_lora.export import export_merged
-from keras_lora.surgery import apply_lora
 from keras_lora.surgery import lora_layers
 
 
@@ -36,23 +35,9 @@ print(json.dumps({
 """
 
 
-def plain_model():
-    inputs = keras.Input((4,))
-    x = layers.Dense(6, activation="relu", name="dense")(inputs)
-    outputs = layers.EinsumDense("ab,bc->ac", (3,), bias_axes="c", name="einsum")(x)
-    model = keras.Model(inputs, outputs)
-    rng = np.random.default_rng(1)
-    for variable in model.weights:
-        variable.assign(rng.normal(size=variable.shape).astype("float32"))
-    return model
-
-
-def lora_model():
-    model = apply_lora(plain_model(), rank=2, alpha=4.0)
-    rng = np.random.default_rng(2)
-    for layer in lora_layers(model).values():
-        layer.lora_b.assign(rng.normal(size=layer.lora_b.shape))
-    return model
+# The same small Dense + EinsumDense model the CLI tests use.
+plain_model = test_cli.base_model
+lora_model = test_cli.adapted_model
 
 
 def to_numpy(x):
