@@ -10,17 +10,20 @@ weights of layers kept fully trainable (`apply_lora(trainable=...)`, e.g.
 safetensors header metadata under the key `"keras_lora"`:
 
 ```
-{"format": "keras_lora.adapter", "format_version": 2,
+{"format": "keras_lora.adapter", "format_version": 3,
  "keras_lora_version": "0.1.0", "keras_version": "3.15.1", "backend": "jax",
  "layers": {"block/up": {"class": "LoRADense", "base_class": "Dense",
    "rank": 8, "alpha": 16.0, "scaling": 2.0, "use_rslora": false,
-   "dropout": 0.0, "train_bias": false, "lora_a_shape": [64, 8],
+   "dropout": 0.0, "train_bias": false, "lora_a_shape": [8, 64],
    "lora_b_shape": [8, 128], "base_kernel_shape": [64, 128]}},
  "trainable_layers": ["head"],
  "extra_tensors": {"head/kernel": [128, 3], "head/bias": [3]}}
 ```
 
-Version 1 files (no `trainable_layers` / `extra_tensors`) still read.
+`lora_a` is stored rank-first, `(rank,) + contracted axes`, as in memory
+(and as PEFT stores `lora_A.weight`). Version 1 and 2 files stored it
+rank-last; they still read, `read_adapter` moving the rank axis to the
+front. Version 1 files (no `trainable_layers` / `extra_tensors`) still read.
 
 so any safetensors reader sees a clean file, and `load_adapter` can
 re-create the adaptation on a base model. Files are backend-neutral.
@@ -44,7 +47,9 @@ import safetensors.numpy
 from keras_lora import config as lora_config
 
 FORMAT_NAME = "keras_lora.adapter"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Before version 3, `lora_a` was stored rank-last, `contracted + (rank,)`.
+RANK_FIRST_SINCE = 3
 METADATA_KEY = "keras_lora"
 
 # The LoRA classes a file may name (checked against `type(layer).__name__`).
@@ -158,6 +163,8 @@ def read_adapter(path):
             trainable_layers, extra_tensors = _parse_extras(metadata, where)
             _check_tensor_index(handle, records, extra_tensors, where)
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        if metadata["format_version"] < RANK_FIRST_SINCE:
+            records, tensors = _rank_first(records, tensors)
     except _NotAnAdapter as error:
         raise ValueError(str(error)) from None
     except safetensors.SafetensorError as error:
@@ -292,13 +299,27 @@ def _parse_records(metadata, where):
             raise _NotAnAdapter(f"{at}the record lacks {error}.") from None
         except (TypeError, ValueError) as error:
             raise _NotAnAdapter(f"{at}{error}") from None
-        if record.lora_a_shape[-1] != rank or record.lora_b_shape[0] != rank:
+        rank_axis = 0 if metadata["format_version"] >= RANK_FIRST_SINCE else -1
+        if record.lora_a_shape[rank_axis] != rank or record.lora_b_shape[0] != rank:
             raise _NotAnAdapter(
                 f"{at}rank {rank} disagrees with lora_a_shape "
                 f"{record.lora_a_shape} / lora_b_shape {record.lora_b_shape}."
             )
         records[path] = record
     return records
+
+
+def _rank_first(records, tensors):
+    """Converts a version 1-2 file's rank-last `lora_a` to rank-first."""
+    tensors = dict(tensors)
+    converted = {}
+    for path, record in records.items():
+        key = f"{path}/lora_a"
+        tensors[key] = np.ascontiguousarray(np.moveaxis(tensors[key], -1, 0))
+        converted[path] = dataclasses.replace(
+            record, lora_a_shape=tuple(tensors[key].shape)
+        )
+    return converted, tensors
 
 
 def _parse_extras(metadata, where):

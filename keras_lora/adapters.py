@@ -292,7 +292,7 @@ def _check_base_model(model, adapter):
             )
         contracted, free = lora_class._kernel_split(layer)
         _check_shape(where, record.path, "lora_a",
-                     tuple(contracted) + (record.rank,), record.lora_a_shape)
+                     (record.rank,) + tuple(contracted), record.lora_a_shape)
         _check_shape(where, record.path, "lora_b",
                      (record.rank,) + tuple(free), record.lora_b_shape)
     for name in ("dropout", "use_rslora", "train_bias"):

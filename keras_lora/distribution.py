@@ -11,7 +11,7 @@ creation and pinned to the variable.
 The rule, for a kernel with contracted (input) axes `C` and free (output)
 axes `F` and layout axes `L`:
 
-- `lora_a`, shaped `C + (rank,)`, takes `L` on `C` and replicates the rank:
+- `lora_a`, shaped `(rank,) + C`, replicates the rank and takes `L` on `C`:
   `x · A` then contracts over the same mesh axes as `x · W`, with the same
   partial-sum reduction, and needs no resharding of `x`.
 - `lora_b`, shaped `(rank,) + F`, replicates the rank and takes `L` on `F`:
@@ -42,7 +42,7 @@ def adapter_axes(kernel_axes, contracted_axes, free_axes):
         kernel_axes: the kernel's layout axes, one entry (a mesh axis name,
             a tuple of names, or `None`) per kernel axis.
         contracted_axes: kernel axis indices contracted with the input, in
-            kernel order (the axes of `lora_a` before the rank).
+            kernel order (the axes of `lora_a` after the rank).
         free_axes: kernel axis indices that reach the output, in kernel
             order (the axes of `lora_b` after the rank).
 
@@ -53,7 +53,7 @@ def adapter_axes(kernel_axes, contracted_axes, free_axes):
 
     >>> # Gemma's query kernel (heads, hidden, head_dim), "btd,ndh->btnh".
     >>> adapter_axes(("model", "batch", None), (1,), (0, 2))
-    (('batch', None), (None, 'model', None))
+    ((None, 'batch'), (None, 'model', None))
     """
     kernel_axes = tuple(kernel_axes)
     n_axes = len(contracted_axes) + len(free_axes)
@@ -63,7 +63,7 @@ def adapter_axes(kernel_axes, contracted_axes, free_axes):
             f"has {n_axes} (contracted {tuple(contracted_axes)}, free "
             f"{tuple(free_axes)}). Received: kernel_axes={kernel_axes}"
         )
-    lora_a_axes = tuple(kernel_axes[i] for i in contracted_axes) + (None,)
+    lora_a_axes = (None,) + tuple(kernel_axes[i] for i in contracted_axes)
     lora_b_axes = (None,) + tuple(kernel_axes[i] for i in free_axes)
     return lora_a_axes, lora_b_axes
 

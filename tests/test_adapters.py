@@ -104,14 +104,14 @@ def test_file_holds_exactly_lora_a_and_lora_b_per_layer_as_float32(adapter_path)
         f"{path}/{name}" for path in PATHS for name in ("lora_a", "lora_b")
     )
     assert all(t.dtype == np.float32 for t in tensors.values())
-    assert tensors["einsum/lora_a"].shape == (6, 2)
+    assert tensors["einsum/lora_a"].shape == (2, 6)  # rank-first
     assert tensors["head/lora_b"].shape == (1, 3)
 
 
 def test_metadata_records_each_layer(adapter_path):
     metadata = read_adapter(adapter_path).metadata
     assert metadata["format"] == "keras_lora.adapter"
-    assert metadata["format_version"] == 2
+    assert metadata["format_version"] == 3
     assert metadata["trainable_layers"] == []
     assert metadata["extra_tensors"] == {}
     assert metadata["keras_lora_version"]
@@ -120,7 +120,7 @@ def test_metadata_records_each_layer(adapter_path):
     assert einsum["class"] == "LoRAEinsumDense"
     assert (einsum["rank"], einsum["alpha"], einsum["scaling"]) == (2, 8.0, 4.0)
     assert einsum["use_rslora"] is False
-    assert einsum["lora_a_shape"] == [6, 2]
+    assert einsum["lora_a_shape"] == [2, 6]
     assert einsum["lora_b_shape"] == [2, 5]
     assert einsum["base_kernel_shape"] == [6, 5]
     assert metadata["layers"]["head"]["rank"] == 1
@@ -185,7 +185,7 @@ def test_save_without_lora_layers_is_an_error(tmp_path):
 
 def test_save_refuses_non_finite_adapters(tmp_path):
     model = adapt(base_model())
-    lora_layers(model)["einsum"].lora_a.assign(np.full((6, 2), np.nan, "float32"))
+    lora_layers(model)["einsum"].lora_a.assign(np.full((2, 6), np.nan, "float32"))
     with pytest.raises(ValueError, match="'einsum': lora_a holds NaN"):
         save_adapter(model, str(tmp_path / "a.safetensors"))
     assert os.listdir(tmp_path) == []
@@ -343,9 +343,47 @@ def test_extra_tensor_shape_mismatch_names_key_and_leaves_model(tmp_path, kind):
     assert_unchanged(model, before)
 
 
+def rank_last(tensors, document, version):
+    """A version 1-2 file: `lora_a` stored `contracted + (rank,)`."""
+    tensors, layers = dict(tensors), {}
+    for path, record in document["layers"].items():
+        tensors[f"{path}/lora_a"] = np.ascontiguousarray(
+            np.moveaxis(tensors[f"{path}/lora_a"], 0, -1)
+        )
+        shape = record["lora_a_shape"]
+        layers[path] = dict(record, lora_a_shape=shape[1:] + shape[:1])
+    return tensors, dict(document, format_version=version, layers=layers)
+
+
+def test_version_2_file_with_rank_last_lora_a_still_loads(adapter_path, tmp_path):
+    path = rewrite(
+        adapter_path, str(tmp_path / "v2.safetensors"),
+        lambda t, d: rank_last(t, d, 2),
+    )
+    np.testing.assert_array_equal(
+        read_adapter(path).tensors["einsum/lora_a"],
+        read_adapter(adapter_path).tensors["einsum/lora_a"],
+    )
+    assert read_adapter(path).layers["einsum"].lora_a_shape == (2, 6)
+    expected = to_numpy(adapt(base_model())(X))
+    np.testing.assert_allclose(
+        to_numpy(load_adapter(base_model(), path)(X)), expected, rtol=1e-6
+    )
+
+
+def test_version_2_file_whose_rank_disagrees_is_rejected(adapter_path, tmp_path):
+    # Written rank-first but labelled version 2: the rank is not last.
+    path = rewrite(
+        adapter_path, str(tmp_path / "bad.safetensors"),
+        lambda t, d: (t, dict(d, format_version=2)),
+    )
+    with pytest.raises(ValueError, match="rank 2 disagrees with lora_a_shape"):
+        read_adapter(path)
+
+
 def test_version_1_file_without_extras_still_loads(adapter_path, tmp_path):
     def as_version_1(tensors, document):
-        document = dict(document, format_version=1)
+        tensors, document = rank_last(tensors, document, 1)
         del document["trainable_layers"], document["extra_tensors"]
         return tensors, document
 

@@ -37,7 +37,8 @@ def lora_reference(layer, x):
     out = x @ to_np(layer.kernel).astype("float64")
     if layer.bias is not None:
         out = out + to_np(layer.bias)
-    a, b = to_np(layer.lora_a), to_np(layer.lora_b)
+    # lora_a stores A rank-first: (rank, d_in).
+    a, b = to_np(layer.lora_a).T, to_np(layer.lora_b)
     return out + layer.scaling * (x @ a) @ b
 
 
@@ -197,9 +198,10 @@ def test_setting_trainable_on_a_model_never_unfreezes_the_kernel():
     assert not layer.kernel.trainable and not layer.bias.trainable
 
 
-def test_adapter_shapes_are_d_in_by_rank_and_rank_by_units():
+def test_adapter_shapes_are_rank_by_d_in_and_rank_by_units():
+    # A (d_in × r) is stored rank-first, as PEFT stores lora_A.weight.
     layer = LoRADense.from_layer(built_dense(), rank=2)
-    assert tuple(layer.lora_a.shape) == (D_IN, 2)
+    assert tuple(layer.lora_a.shape) == (2, D_IN)
     assert tuple(layer.lora_b.shape) == (2, UNITS)
     assert layer.lora_a.dtype == "float32" and layer.lora_b.dtype == "float32"
 
@@ -242,6 +244,67 @@ def test_output_equals_numpy_base_plus_scaled_low_rank_path(use_rslora):
     x = sample((2, 3, D_IN))  # leading batch axes pass through
     expected = lora_reference(layer, x)
     np.testing.assert_allclose(to_np(layer(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_he_uniform_a_is_drawn_with_the_input_size_as_fan_in():
+    # lora_a is stored (rank, d_in); its initializer must still see d_in,
+    # not the rank, as the fan-in (sqrt(6 / 2) would be ~9x too wide).
+    d_in = 512
+    layer = LoRADense.from_layer(built_dense(d_in=d_in), rank=2)
+    a = to_np(layer.lora_a)
+    limit = np.sqrt(6.0 / d_in)
+    assert np.abs(a).max() <= limit
+    assert np.abs(a).max() > 0.9 * limit
+
+
+class _DotLoss(keras.losses.Loss):
+    """`sum(y_pred * y_true)`: its gradient w.r.t. the output is `y_true`."""
+
+    def __init__(self):
+        super().__init__(reduction="sum")
+
+    def call(self, y_true, y_pred):
+        return keras.ops.sum(y_pred * y_true, axis=(1, 2))
+
+
+@pytest.mark.parametrize("jit_compile", [False, "auto"])
+def test_gradients_on_3d_inputs_match_numpy(jit_compile):
+    # Transformer-shaped inputs take the 2-D-view path under a trace (and
+    # torch.addmm on torch); eager JAX keeps the N-D product. One SGD step
+    # with learning rate 1 exposes a gradient. One adapter trains per step:
+    # with both, TensorFlow may apply one update before the other's
+    # gradient has read the old value (plain stacked Dense layers show the
+    # same at this learning rate), which is not what is tested here.
+    layer = LoRADense.from_layer(
+        built_dense(), rank=2, alpha=3.0, lora_b_initializer=random_b()
+    )
+    model = keras.Sequential([keras.Input((None, D_IN)), layer])
+    x, g = sample((2, 3, D_IN)), sample((2, 3, UNITS), seed=5)
+    xf, gf = x.reshape(-1, D_IN), g.reshape(-1, UNITS)
+    for trained, frozen in ((layer.lora_b, layer.lora_a),
+                            (layer.lora_a, layer.lora_b)):
+        trained.trainable, frozen.trainable = True, False
+        model.compile(
+            optimizer=keras.optimizers.SGD(learning_rate=1.0),
+            loss=_DotLoss(),
+            jit_compile=jit_compile,
+        )
+        np.testing.assert_allclose(
+            to_np(model.predict(x, verbose=0)),
+            lora_reference(layer, x),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        a = to_np(layer.lora_a).astype("float64").T  # (d_in, rank)
+        b = to_np(layer.lora_b).astype("float64")
+        model.train_on_batch(x, g)
+        if trained is layer.lora_b:
+            expected = b - layer.scaling * (xf @ a).T @ gf
+        else:
+            expected = (a - layer.scaling * xf.T @ (gf @ b.T)).T
+        np.testing.assert_allclose(
+            to_np(trained), expected, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_call_never_forms_the_kernel_shaped_delta(monkeypatch):
@@ -305,7 +368,7 @@ def test_merged_kernel_is_kernel_plus_scaled_a_times_b():
         built_dense(), rank=2, alpha=5.0, lora_b_initializer=random_b()
     )
     kernel_before = to_np(layer.kernel).copy()
-    expected = kernel_before + 2.5 * to_np(layer.lora_a) @ to_np(layer.lora_b)
+    expected = kernel_before + 2.5 * to_np(layer.lora_a).T @ to_np(layer.lora_b)
     np.testing.assert_allclose(
         to_np(layer.merged_kernel()), expected, rtol=1e-5, atol=1e-6
     )

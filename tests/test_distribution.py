@@ -72,8 +72,9 @@ def run_check(script, timeout=900):
 
 
 def test_dense_adapters_shard_a_on_input_axis_and_b_on_output_axis():
+    # lora_a is rank-first: (rank, d_in).
     assert adapter_axes(("batch", "model"), (0,), (1,)) == (
-        ("batch", None),
+        (None, "batch"),
         (None, "model"),
     )
 
@@ -81,7 +82,7 @@ def test_dense_adapters_shard_a_on_input_axis_and_b_on_output_axis():
 def test_einsum_adapters_take_kernel_axes_in_kernel_order():
     # Gemma's query kernel (heads, hidden, head_dim), "btd,ndh->btnh".
     assert adapter_axes(("model", "batch", None), (1,), (0, 2)) == (
-        ("batch", None),
+        (None, "batch"),
         (None, "model", None),
     )
 
@@ -118,10 +119,10 @@ def test_dense_kernel_axes_are_input_then_output():
 def test_extend_layout_map_derives_adapter_entries_from_kernel_entries():
     layout_map = keras_hub.models.GemmaBackbone.get_layout_map(string_mesh())
     extend_layout_map(layout_map, adapted_gemma())
-    assert layout_map[f"{QUERY}/lora_a"].axes == ("batch", None)
+    assert layout_map[f"{QUERY}/lora_a"].axes == (None, "batch")
     assert layout_map[f"{QUERY}/lora_b"].axes == (None, "model", None)
     linear = "decoder_block_0/ffw_linear"
-    assert layout_map[f"{linear}/lora_a"].axes == ("model", None)
+    assert layout_map[f"{linear}/lora_a"].axes == (None, "model")
     assert layout_map[f"{linear}/lora_b"].axes == (None, "batch")
 
 
@@ -130,7 +131,7 @@ def test_extend_layout_map_shields_adapters_from_loose_regexes():
     layout_map[".*query.*"] = ("model", "batch", None)
     assert len(layout_map[f"{QUERY}/lora_a"].axes) == 3  # keras#19496
     extend_layout_map(layout_map, adapted_gemma())
-    assert layout_map[f"{QUERY}/lora_a"].axes == ("batch", None)
+    assert layout_map[f"{QUERY}/lora_a"].axes == (None, "batch")
     assert layout_map[f"{QUERY}/kernel"].axes == ("model", "batch", None)
 
 
@@ -145,7 +146,7 @@ def test_extend_layout_map_replicates_adapters_of_unmapped_kernels():
 
 def test_extend_layout_map_keeps_a_matching_entry_and_rejects_a_conflict():
     layout_map = keras_hub.models.GemmaBackbone.get_layout_map(string_mesh())
-    layout_map[f"{QUERY}/lora_a"] = ("batch", None)
+    layout_map[f"{QUERY}/lora_a"] = (None, "batch")
     extend_layout_map(layout_map, adapted_gemma())  # same layout: kept
     conflicting = keras_hub.models.GemmaBackbone.get_layout_map(string_mesh())
     conflicting[f"{QUERY}/lora_a"] = (None, "model")
@@ -173,8 +174,8 @@ def test_adapters_created_under_model_parallel_follow_kernel_not_regex():
         keras_lora.apply_lora(model, rank=2)
     lora = keras_lora.lora_layers(model)["query"]
     assert distribution.get_variable_layout(lora.lora_a).axes == (
-        "batch",
         None,
+        "batch",
     )
     assert distribution.get_variable_layout(lora.lora_b).axes == (
         None,
@@ -222,16 +223,16 @@ def test_mesh_training_learns(jax_mesh_run):
 def test_adapters_on_the_mesh_are_sharded_like_their_kernel(jax_mesh_run):
     specs = jax_mesh_run["specs"]
     assert specs[f"{QUERY}/kernel"] == ["model", "batch", None]
-    assert specs[f"{QUERY}/lora_a"] == ["batch", None]
+    assert specs[f"{QUERY}/lora_a"] == [None, "batch"]
     assert specs[f"{QUERY}/lora_b"] == [None, "model", None]
-    assert specs["decoder_block_0/ffw_linear/lora_a"] == ["model", None]
+    assert specs["decoder_block_0/ffw_linear/lora_a"] == [None, "model"]
     assert specs["decoder_block_0/ffw_linear/lora_b"] == [None, "batch"]
 
 
 @pytest.mark.backend("jax")
 def test_loose_user_regex_does_not_reach_adapters_on_the_mesh(jax_mesh_run):
     assert jax_mesh_run["loose_map_specs"] == {
-        f"{QUERY}/lora_a": ["batch", None],
+        f"{QUERY}/lora_a": [None, "batch"],
         f"{QUERY}/lora_b": [None, "model", None],
     }
 

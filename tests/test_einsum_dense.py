@@ -19,8 +19,9 @@ def sample(shape, seed=0):
 
 
 # Each case: the equation, the EinsumDense arguments, an input shape, the
-# expected kernel / lora_a / lora_b shapes, and the kernel-shaped delta
-# A·B written out by hand in numpy (r = RANK).
+# expected kernel / lora_a / lora_b shapes (lora_a is stored rank-first),
+# and the kernel-shaped delta A·B written out by hand in numpy with A in
+# kernel layout, `contracted + (r,)` (r = RANK).
 CASES = {
     "free_axes_split": dict(
         equation="abc,cde->abde",
@@ -28,7 +29,7 @@ CASES = {
         bias_axes=None,
         input_shape=(2, 3, 32),
         kernel=(32, 4, 8),
-        lora_a=(32, RANK),
+        lora_a=(RANK, 32),
         lora_b=(RANK, 4, 8),
         delta=lambda a, b: (a @ b.reshape(RANK, 32)).reshape(32, 4, 8),
     ),
@@ -38,7 +39,7 @@ CASES = {
         bias_axes="e",
         input_shape=(2, 3, 4, 8),
         kernel=(4, 8, 32),
-        lora_a=(4, 8, RANK),
+        lora_a=(RANK, 4, 8),
         lora_b=(RANK, 32),
         delta=lambda a, b: (a.reshape(32, RANK) @ b).reshape(4, 8, 32),
     ),
@@ -48,7 +49,7 @@ CASES = {
         bias_axes=None,
         input_shape=(2, 3, 16),
         kernel=(2, 16, 4),
-        lora_a=(16, RANK),
+        lora_a=(RANK, 16),
         lora_b=(RANK, 2, 4),
         # A·B is laid out (d, n, h); the kernel is (n, d, h).
         delta=lambda a, b: (a @ b.reshape(RANK, 8))
@@ -61,7 +62,7 @@ CASES = {
         bias_axes="de",
         input_shape=(2, 3, 32),
         kernel=(32, 4, 8),
-        lora_a=(32, RANK),
+        lora_a=(RANK, 32),
         lora_b=(RANK, 4, 8),
         delta=lambda a, b: (a @ b.reshape(RANK, 32)).reshape(32, 4, 8),
     ),
@@ -71,7 +72,7 @@ CASES = {
         bias_axes="c",
         input_shape=(2, 3, 16),
         kernel=(16, 8),
-        lora_a=(16, RANK),
+        lora_a=(RANK, 16),
         lora_b=(RANK, 8),
         delta=lambda a, b: a @ b,
     ),
@@ -101,7 +102,9 @@ def adapted(case, **kwargs):
 
 
 def numpy_delta(case, layer):
-    a = to_np(layer.lora_a).astype("float64")
+    # lora_a is stored (r,) + contracted; the cases write A as
+    # contracted + (r,).
+    a = np.moveaxis(to_np(layer.lora_a).astype("float64"), 0, -1)
     b = to_np(layer.lora_b).astype("float64")
     return case["delta"](a, b)
 
@@ -259,33 +262,33 @@ def test_disabled_adapter_gives_the_base_output_exactly():
             "abc,cde->abde",
             (0,),
             (1, 2),
-            "abc,cz->abz",
+            "abc,zc->abz",
             "abz,zde->abde",
-            "cz,zde->cde",
+            "zc,zde->cde",
         ),
         (
             "abcd,cde->abe",
             (0, 1),
             (2,),
-            "abcd,cdz->abz",
+            "abcd,zcd->abz",
             "abz,ze->abe",
-            "cdz,ze->cde",
+            "zcd,ze->cde",
         ),
         (
             "btd,ndh->btnh",
             (1,),
             (0, 2),
-            "btd,dz->btz",
+            "btd,zd->btz",
             "btz,znh->btnh",
-            "dz,znh->ndh",
+            "zd,znh->ndh",
         ),
         (
             "...b,bc->...c",
             (0,),
             (1,),
-            "...b,bz->...z",
+            "...b,zb->...z",
             "...z,zc->...c",
-            "bz,zc->bc",
+            "zb,zc->bc",
         ),
     ],
 )
@@ -300,8 +303,8 @@ def test_split_equation(equation, contracted, free, project, expand, delta):
 
 def test_split_equation_picks_a_rank_letter_unused_by_the_equation():
     split = split_equation("wxy,yz->wxz")
-    assert split.project_equation == "wxy,yv->wxv"
-    assert split.delta_equation == "yv,vz->yz"
+    assert split.project_equation == "wxy,vy->wxv"
+    assert split.delta_equation == "vy,vz->yz"
 
 
 def test_split_equation_ignores_spaces():

@@ -158,7 +158,7 @@ def test_full_bfloat16_layer_casts_the_float32_adapters_in_call():
     assert layer.lora_a.dtype == "float32"
     assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
     kernel = to_np(layer.kernel).astype("float64")
-    a = to_np(layer.lora_a).astype("float64")
+    a = to_np(layer.lora_a).astype("float64").T  # stored (rank, d_in)
     b = to_np(layer.lora_b).astype("float64")
     expected = x @ kernel + to_np(layer.bias).astype("float64")
     expected = expected + layer.scaling * (x @ a) @ b

@@ -179,7 +179,7 @@ def test_merged_kernel_is_base_plus_scaled_product():
     w, a, b = (to_numpy(v) for v in (layer.kernel, layer.lora_a, layer.lora_b))
     merged = merge_lora(model)
     np.testing.assert_allclose(
-        to_numpy(merged.get_layer("dense").kernel), w + 1.5 * a @ b, rtol=1e-6
+        to_numpy(merged.get_layer("dense").kernel), w + 1.5 * a.T @ b, rtol=1e-6
     )
 
 
@@ -291,7 +291,7 @@ def test_unmerge_restores_base_kernels_to_float_tolerance():
 def test_merge_adapters_with_non_finite_update_changes_nothing():
     model, _ = adapted(functional)
     lora_layers(model)["einsum"].lora_a.assign(
-        np.full((6, 2), np.inf, "float32")
+        np.full((2, 6), np.inf, "float32")
     )
     before = kernels(model)
     with pytest.raises(ValueError, match="'einsum'"):

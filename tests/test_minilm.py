@@ -122,7 +122,7 @@ def test_query_value_preset_adapts_the_12_query_value_projections(minilm):
     )
     query = keras_lora.lora_layers(minilm.backbone)[query_value_paths()[0]]
     assert query.base_layer.equation == "abc,cde->abde"
-    assert tuple(query.lora_a.shape) == (HIDDEN, RANK)
+    assert tuple(query.lora_a.shape) == (RANK, HIDDEN)
     assert tuple(query.lora_b.shape) == (RANK, HEADS, HEAD_DIM)
 
 
@@ -170,14 +170,15 @@ def test_same_adapter_as_peft_changes_outputs_the_same(minilm, monkeypatch):
                     f"base_model.model.encoder.layer.{i}.attention.self."
                     f"{projection}"
                 )
-                # torch Linear layout: lora_A (r, d_in), lora_B (d_out, r).
+                # torch Linear layout: lora_A (r, d_in), as our lora_a;
+                # lora_B (d_out, r), the transpose of our lora_b.
                 a = (rng.normal(size=(RANK, HIDDEN)) / np.sqrt(HIDDEN))
                 b = 0.3 * rng.normal(size=(HIDDEN, RANK))
                 a, b = a.astype("float32"), b.astype("float32")
                 theirs.lora_A["default"].weight.data = torch.tensor(a)
                 theirs.lora_B["default"].weight.data = torch.tensor(b)
                 layer = ours[f"transformer_layer_{i}/self_attention_layer/{projection}"]
-                layer.lora_a.assign(a.T)
+                layer.lora_a.assign(a)
                 # d_out = (heads, head_dim), heads-major as in the kernel.
                 layer.lora_b.assign(b.T.reshape(RANK, HEADS, HEAD_DIM))
         keras_delta = sequence_output(minilm.backbone, x) - minilm.base_output

@@ -108,7 +108,7 @@ def test_merged_kernel_of_float32_variable_base_is_float32(mixed_bfloat16):
     merged = proj.merged_kernel()
     assert keras.backend.standardize_dtype(merged.dtype) == "float32"
     expected = to_np(proj.kernel) + proj.scaling * (
-        to_np(proj.lora_a) @ to_np(proj.lora_b)
+        to_np(proj.lora_a).T @ to_np(proj.lora_b)
     )
     np.testing.assert_allclose(to_np(merged), expected, rtol=1e-6, atol=1e-6)
 
@@ -127,7 +127,7 @@ def test_bfloat16_base_keeps_float32_adapters_and_merges_to_bfloat16():
     merged = proj.merged_kernel()
     assert keras.backend.standardize_dtype(merged.dtype) == "bfloat16"
     expected = to_np(proj.kernel) + proj.scaling * (
-        to_np(proj.lora_a) @ to_np(proj.lora_b)
+        to_np(proj.lora_a).T @ to_np(proj.lora_b)
     )
     # One bfloat16 rounding of the float32 sum: 8 bits of mantissa.
     np.testing.assert_allclose(to_np(merged), expected, rtol=2**-8, atol=1e-6)

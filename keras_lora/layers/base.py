@@ -25,6 +25,8 @@ class LoRALayer(keras.layers.Layer):
     The base layer's variables are used as they are (never copied) and are
     frozen; only `lora_a` and `lora_b` (and, with `train_bias=True`, the
     bias) are trainable. Adapters are float32 under every dtype policy.
+    `lora_a` is stored rank-first, `(rank,) + contracted axes` (PEFT's
+    `lora_A.weight` layout); `lora_b` is `(rank,) + free axes`.
 
     Args:
         base_layer: the layer to adapt, an instance of `base_layer_class`.
@@ -133,8 +135,8 @@ class LoRALayer(keras.layers.Layer):
     def _base_preactivation(self, inputs):
         raise NotImplementedError
 
-    def _lora_output(self, inputs, lora_a, lora_b):
-        """Computes `(inputs · A) · B` in factored form."""
+    def _add_lora_output(self, outputs, inputs, lora_a, lora_b):
+        """Returns `outputs + scaling · (inputs · A) · B`, factored."""
         raise NotImplementedError
 
     def _delta_kernel(self, lora_a, lora_b):
@@ -224,8 +226,8 @@ class LoRALayer(keras.layers.Layer):
         with scope, layouts:
             self.lora_a = self.add_weight(
                 name="lora_a",
-                shape=tuple(contracted) + (self.rank,),
-                initializer=self.lora_a_initializer,
+                shape=(self.rank,) + tuple(contracted),
+                initializer=_RankFirst(self.lora_a_initializer),
                 dtype="float32",
                 trainable=True,
             )
@@ -284,9 +286,7 @@ class LoRALayer(keras.layers.Layer):
                 )
             lora_a = self._in_compute_dtype(self.lora_a, x)
             lora_b = self._in_compute_dtype(self.lora_b, x)
-            outputs = ops.add(
-                outputs, self._lora_output(x, lora_a, lora_b)
-            )
+            outputs = self._add_lora_output(outputs, x, lora_a, lora_b)
         activation = self.base_layer.activation
         if activation is not None:
             outputs = activation(outputs)
@@ -397,6 +397,25 @@ class LoRALayer(keras.layers.Layer):
             config["base_layer"]
         )
         return cls(**config)
+
+
+class _RankFirst:
+    """Draws `lora_a` as a `contracted + (rank,)` kernel, stored rank-first.
+
+    `lora_a` is stored `(rank,) + contracted` (PEFT's layout: autodiff then
+    computes its gradient as the fast wide product, see
+    `keras_lora/layers/kernels.py`), but initializers compute their fans
+    from the kernel layout `contracted + (rank,)`, so `he_uniform` keeps
+    drawing from `sqrt(6 / fan_in)` with `fan_in` the input size.
+    """
+
+    def __init__(self, initializer):
+        self.initializer = initializers.get(initializer)
+
+    def __call__(self, shape, dtype=None):
+        kernel_layout = tuple(shape[1:]) + (shape[0],)
+        value = self.initializer(kernel_layout, dtype=dtype)
+        return ops.moveaxis(value, -1, 0)
 
 
 class _NullScope:

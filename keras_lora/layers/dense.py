@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.base import base_from_arguments
+from keras_lora.layers.kernels import add_dense_update
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -12,8 +13,10 @@ class LoRADense(LoRALayer):
     """A `Dense` layer whose kernel is frozen and updated by `A·B`.
 
     Computes `activation(x·W + b + scaling · (dropout(x)·A)·B)` with
-    `lora_a` of shape `(d_in, rank)` and `lora_b` of shape `(rank, d_out)`.
-    `W + A·B` is never formed while training.
+    `A` of shape `(d_in, rank)` and `B` of shape `(rank, d_out)`.
+    `W + A·B` is never formed while training. `lora_a` stores `A`
+    rank-first, as `(rank, d_in)` (PEFT's `lora_A.weight` layout), which
+    makes its gradient cheaper; `lora_b` stores `B` as `(rank, d_out)`.
 
     Use it as a drop-in `Dense` (`LoRADense(units, rank=8, activation=...)`)
     or adopt an existing built layer with `LoRADense.from_layer(dense)`,
@@ -43,7 +46,7 @@ class LoRADense(LoRALayer):
     >>> layer = LoRADense(4, rank=2, activation="relu")
     >>> y = layer(np.ones((3, 5)))
     >>> tuple(layer.lora_a.shape), tuple(layer.lora_b.shape)
-    ((5, 2), (2, 4))
+    ((2, 5), (2, 4))
     """
 
     base_layer_class = keras.layers.Dense
@@ -91,10 +94,8 @@ class LoRADense(LoRALayer):
             outputs = ops.add(outputs, self.base_layer.bias)
         return outputs
 
-    def _lora_output(self, inputs, lora_a, lora_b):
-        # Scale the rank-r intermediate: the smallest tensor on the path.
-        low_rank = ops.multiply(ops.matmul(inputs, lora_a), self.scaling)
-        return ops.matmul(low_rank, lora_b)
+    def _add_lora_output(self, outputs, inputs, lora_a, lora_b):
+        return add_dense_update(outputs, inputs, lora_a, lora_b, self.scaling)
 
     def _delta_kernel(self, lora_a, lora_b):
-        return ops.matmul(lora_a, lora_b)
+        return ops.matmul(ops.transpose(lora_a), lora_b)

@@ -22,7 +22,7 @@ class EinsumSplit:
 
     Attributes:
         contracted_axes: kernel axis indices summed with the input, in
-            kernel order (the axes of `lora_a`, before the rank).
+            kernel order (the axes of `lora_a`, after the rank).
         free_axes: kernel axis indices that reach the output, in kernel
             order (the axes of `lora_b`, after the rank).
         project_equation: einsum of `(inputs, lora_a)` to the rank space.
@@ -58,7 +58,7 @@ def split_equation(equation):
     >>> split.contracted_axes, split.free_axes
     ((1,), (0, 2))
     >>> split.delta_equation
-    'dz,znh->ndh'
+    'zd,znh->ndh'
     """
     try:
         operands, output = equation.replace(" ", "").split("->")
@@ -94,7 +94,7 @@ def split_equation(equation):
             f"one free axis. Received: equation={equation!r}"
         )
     rank_letter = next(c for c in _RANK_LETTER_CHOICES if c not in equation)
-    a_spec = "".join(kernel[i] for i in contracted) + rank_letter
+    a_spec = rank_letter + "".join(kernel[i] for i in contracted)
     b_spec = rank_letter + "".join(kernel[i] for i in free)
     kept = "".join(c for c in inputs if c not in a_spec)
     low_rank = kept + rank_letter
@@ -112,9 +112,10 @@ class LoRAEinsumDense(LoRALayer):
     """An `EinsumDense` layer whose kernel is frozen and updated by `A·B`.
 
     For a kernel with contracted axes `C` and free axes `F` (read from the
-    equation), `lora_a` has shape `C + (rank,)` and `lora_b` has shape
-    `(rank,) + F`, each group in kernel order; the kernel-shaped delta is
-    `lora_a · lora_b` with its axes put back in kernel order. The forward
+    equation), `lora_a` has shape `(rank,) + C` (rank-first, as PEFT stores
+    `lora_A`) and `lora_b` has shape `(rank,) + F`, each group in kernel
+    order; the kernel-shaped delta contracts the two over the rank, with
+    its axes put back in kernel order. The forward
     pass contracts the input with `lora_a`, then expands with `lora_b`.
 
     Args:
@@ -139,7 +140,7 @@ class LoRAEinsumDense(LoRALayer):
     >>> layer = LoRAEinsumDense("abc,cde->abde", (3, 4, 8), rank=2)
     >>> y = layer(np.ones((2, 3, 32)))
     >>> tuple(layer.lora_a.shape), tuple(layer.lora_b.shape)
-    ((32, 2), (2, 4, 8))
+    ((2, 32), (2, 4, 8))
     """
 
     base_layer_class = keras.layers.EinsumDense
@@ -207,10 +208,11 @@ class LoRAEinsumDense(LoRALayer):
             outputs = ops.add(outputs, self.base_layer.bias)
         return outputs
 
-    def _lora_output(self, inputs, lora_a, lora_b):
+    def _add_lora_output(self, outputs, inputs, lora_a, lora_b):
         low_rank = ops.einsum(self._split.project_equation, inputs, lora_a)
         low_rank = ops.multiply(low_rank, self.scaling)
-        return ops.einsum(self._split.expand_equation, low_rank, lora_b)
+        update = ops.einsum(self._split.expand_equation, low_rank, lora_b)
+        return ops.add(outputs, update)
 
     def _delta_kernel(self, lora_a, lora_b):
         return ops.einsum(self._split.delta_equation, lora_a, lora_b)
