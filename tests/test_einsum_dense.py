@@ -66,6 +66,28 @@ CASES = {
         lora_b=(RANK, 4, 8),
         delta=lambda a, b: (a @ b.reshape(RANK, 32)).reshape(32, 4, 8),
     ),
+    # The next two are not a matmul on 2-D views (axes out of order), so
+    # they take the two-einsum path; the cases above take the 2-D one.
+    "output_free_axes_reordered": dict(
+        equation="abc,cde->abed",
+        output_shape=(None, 8, 4),
+        bias_axes=None,
+        input_shape=(2, 3, 32),
+        kernel=(32, 4, 8),
+        lora_a=(RANK, 32),
+        lora_b=(RANK, 4, 8),
+        delta=lambda a, b: (a @ b.reshape(RANK, 32)).reshape(32, 4, 8),
+    ),
+    "input_contracted_axis_first": dict(
+        equation="acb,cd->abd",
+        output_shape=(3, 8),
+        bias_axes="d",
+        input_shape=(2, 16, 3),
+        kernel=(16, 8),
+        lora_a=(RANK, 16),
+        lora_b=(RANK, 8),
+        delta=lambda a, b: a @ b,
+    ),
     "ellipsis_input": dict(
         equation="...b,bc->...c",
         output_shape=(8,),
@@ -164,6 +186,57 @@ def test_output_equals_numpy_einsum_with_the_updated_kernel(name):
     np.testing.assert_allclose(
         to_np(layer(x)), numpy_output(case, layer, x), rtol=1e-4, atol=1e-4
     )
+
+
+class _DotLoss(keras.losses.Loss):
+    """`sum(y_pred * y_true)`: its gradient w.r.t. the output is `y_true`."""
+
+    def __init__(self):
+        super().__init__(reduction="sum")
+
+    def call(self, y_true, y_pred):
+        axes = tuple(range(1, len(y_pred.shape)))
+        return keras.ops.sum(y_pred * y_true, axis=axes)
+
+
+@pytest.mark.parametrize("jit_compile", [False, "auto"])
+@pytest.mark.parametrize(
+    "name",
+    ["free_axes_split", "contracted_axes_split",
+     "gemma_query_contracted_axis_in_the_middle"],
+)
+def test_gradients_of_2d_view_equations_match_numpy(name, jit_compile):
+    # These equations take the shared 2-D kernel (reshaped A and B); one
+    # SGD step with learning rate 1 per adapter exposes its gradient (one
+    # at a time: see tests/test_dense.py on TensorFlow's update order).
+    case = CASES[name]
+    layer = adapted(case, alpha=3.0)
+    model = keras.Sequential([keras.Input(case["input_shape"][1:]), layer])
+    x = sample(case["input_shape"])
+    y = to_np(layer(x))
+    g = sample(y.shape, seed=5)
+    d_in = int(np.prod(layer.lora_a.shape[1:]))
+    d_out = int(np.prod(layer.lora_b.shape[1:]))
+    x2, g2 = x.reshape(-1, d_in), g.reshape(-1, d_out)
+    for trained, frozen in ((layer.lora_b, layer.lora_a),
+                            (layer.lora_a, layer.lora_b)):
+        trained.trainable, frozen.trainable = True, False
+        model.compile(
+            optimizer=keras.optimizers.SGD(learning_rate=1.0),
+            loss=_DotLoss(),
+            jit_compile=jit_compile,
+        )
+        a = to_np(layer.lora_a).astype("float64").reshape(RANK, d_in)
+        b = to_np(layer.lora_b).astype("float64").reshape(RANK, d_out)
+        model.train_on_batch(x, g)
+        if trained is layer.lora_b:
+            expected = b - layer.scaling * (x2 @ a.T).T @ g2
+        else:
+            expected = a - layer.scaling * (g2 @ b.T).T @ x2
+        np.testing.assert_allclose(
+            to_np(trained).reshape(expected.shape), expected,
+            rtol=1e-4, atol=1e-4,
+        )
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -299,6 +372,24 @@ def test_split_equation(equation, contracted, free, project, expand, delta):
     assert split.project_equation == project
     assert split.expand_equation == expand
     assert split.delta_equation == delta
+
+
+@pytest.mark.parametrize(
+    "equation, matmul_view",
+    [
+        ("abc,cde->abde", True),
+        ("abcd,cde->abe", True),
+        ("btd,ndh->btnh", True),  # Gemma: contracted axis in the middle
+        ("...b,bc->...c", True),
+        ("abc,cde->abed", False),  # free axes out of kernel order
+        ("acb,cd->abd", False),  # contracted axis not last in the input
+        ("abcd,dce->abe", False),  # contracted axes out of kernel order
+    ],
+)
+def test_split_equation_knows_when_the_update_is_a_2d_matmul(
+    equation, matmul_view
+):
+    assert split_equation(equation).matmul_view is matmul_view
 
 
 def test_split_equation_picks_a_rank_letter_unused_by_the_equation():

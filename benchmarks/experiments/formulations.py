@@ -3,9 +3,10 @@
 Each class is a `LoRADense` / `LoRAEinsumDense` subclass that swaps the
 low-rank path (and, for `RankLastDense`, the adapter layout), so a
 benchmark can time it next to the library's own classes in one process.
-`combo("rank_last")` is the layer as it was before the changes measured in
-FINDINGS section 1 (commit f81009c); `combo("nd")` keeps the rank-first
-`A` but drops the 2-D view and the fused torch kernel.
+`combo("rank_last+einsum")` is close to the layers before the changes
+measured in FINDINGS sections 1-1c (commit f81009c); `combo("nd")` keeps
+the rank-first `A` but drops the 2-D views, the JAX `jit` kernel and the
+fused torch kernel from `LoRADense`.
 
 The hand-written-gradient and merged-forward variants that FINDINGS
 section 4 mentions lived here at commit f81009c; they were written for the
@@ -75,48 +76,22 @@ def class_table(dense_class, einsum_class=LoRAEinsumDense):
     return lora_class_for
 
 
-def _flat_plan(split):
-    """`(kept, contracted, free)` letter groups when the equation is a
-    plain matmul on 2-D views, else `None`."""
-    inputs, rest = split.project_equation.split(",")
-    a_spec, low_spec = rest.split("->")
-    contracted = a_spec[1:]  # lora_a is rank-first
-    kept = low_spec[:-1]
-    if inputs != kept + contracted:
-        return None
-    _, expand_rest = split.expand_equation.split(",")
-    b_spec, output = expand_rest.split("->")
-    if output != kept + b_spec[1:]:
-        return None
-    return kept, contracted, b_spec[1:]
-
-
-class FlatEinsumDense(LoRAEinsumDense):
-    """The low-rank path as 2-D matmuls when the equation allows it."""
+class EinsumOnlyDense(LoRAEinsumDense):
+    """The low-rank path as two einsums, even where the equation is a
+    matmul on 2-D views (the layer before FINDINGS section 1c)."""
 
     def _add_lora_output(self, outputs, inputs, lora_a, lora_b):
-        plan = _flat_plan(self._split)
-        if plan is None:
-            return super()._add_lora_output(outputs, inputs, lora_a, lora_b)
-        kept, _, _ = plan
-        kept_shape = tuple(inputs.shape[: len(kept)])
-        d_in = 1
-        for n in lora_a.shape[1:]:
-            d_in *= n
-        x2 = ops.reshape(inputs, (-1, d_in))
-        a2 = ops.reshape(lora_a, (self.rank, d_in))
-        b2 = ops.reshape(lora_b, (self.rank, -1))
-        low = ops.multiply(ops.matmul(x2, ops.transpose(a2)), self.scaling)
-        out = ops.matmul(low, b2)
-        out = ops.reshape(out, kept_shape + tuple(lora_b.shape[1:]))
-        return ops.add(outputs, out)
+        low = ops.einsum(self._split.project_equation, inputs, lora_a)
+        low = ops.multiply(low, self.scaling)
+        update = ops.einsum(self._split.expand_equation, low, lora_b)
+        return ops.add(outputs, update)
 
 
-EINSUM_CLASSES = {"current": LoRAEinsumDense, "flat": FlatEinsumDense}
+EINSUM_CLASSES = {"current": LoRAEinsumDense, "einsum": EinsumOnlyDense}
 
 
 def combo(name):
-    """`"dense+einsum"` names, e.g. `"current+flat"`; a bare name keeps the
+    """`"dense+einsum"` names, e.g. `"nd+einsum"`; a bare name keeps the
     library's EinsumDense class."""
     dense, _, einsum = name.partition("+")
     return class_table(

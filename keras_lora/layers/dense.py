@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.base import base_from_arguments
-from keras_lora.layers.kernels import add_dense_update
+from keras_lora.layers.kernels import add_low_rank_update
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -95,7 +95,9 @@ class LoRADense(LoRALayer):
         return outputs
 
     def _add_lora_output(self, outputs, inputs, lora_a, lora_b):
-        return add_dense_update(outputs, inputs, lora_a, lora_b, self.scaling)
+        return add_low_rank_update(
+            outputs, inputs, lora_a, lora_b, self.scaling
+        )
 
     def _delta_kernel(self, lora_a, lora_b):
         return ops.matmul(ops.transpose(lora_a), lora_b)

@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.base import base_from_arguments
+from keras_lora.layers.kernels import add_low_rank_update
 
 _RANK_LETTER_CHOICES = "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA"
 
@@ -29,6 +30,11 @@ class EinsumSplit:
         expand_equation: einsum of `(low_rank, lora_b)` to the output.
         delta_equation: einsum of `(lora_a, lora_b)` to a kernel-shaped
             delta.
+        matmul_view: whether the update is a plain matmul on 2-D views:
+            the input ends with the contracted axes and the output with the
+            free axes, each in kernel order, after the same leading axes
+            (`"abc,cde->abde"`, Gemma's `"btd,ndh->btnh"`; not
+            `"abc,dce->abde"`-style reorderings).
     """
 
     contracted_axes: tuple
@@ -36,6 +42,7 @@ class EinsumSplit:
     project_equation: str
     expand_equation: str
     delta_equation: str
+    matmul_view: bool = False
 
 
 def split_equation(equation):
@@ -104,6 +111,9 @@ def split_equation(equation):
         project_equation=f"{inputs},{a_spec}->{low_rank}",
         expand_equation=f"{low_rank},{b_spec}->{output}",
         delta_equation=f"{a_spec},{b_spec}->{kernel}",
+        matmul_view=(
+            inputs == kept + a_spec[1:] and output == kept + b_spec[1:]
+        ),
     )
 
 
@@ -209,6 +219,10 @@ class LoRAEinsumDense(LoRALayer):
         return outputs
 
     def _add_lora_output(self, outputs, inputs, lora_a, lora_b):
+        if self._split.matmul_view:
+            return add_low_rank_update(
+                outputs, inputs, lora_a, lora_b, self.scaling
+            )
         low_rank = ops.einsum(self._split.project_equation, inputs, lora_a)
         low_rank = ops.multiply(low_rank, self.scaling)
         update = ops.einsum(self._split.expand_equation, low_rank, lora_b)
