@@ -111,7 +111,9 @@ def training_section(results, chart_name):
              "trainable params (same order)"],
             rows,
         )
-        lines += [""] + [f"- {note}" for note in sorted(notes)] + [""]
+        lines += [""] + [
+            f"- keras-lora variant made with: `{note}`" for note in sorted(notes)
+        ] + [""]
     return lines
 
 
@@ -179,7 +181,9 @@ def inference_section(results):
          "median ms (base / unmerged / merged)", "max abs(merged − unmerged)"],
         rows,
     )
-    return lines + [""] + [f"- {n}" for n in sorted(notes)] + [""]
+    return lines + [""] + [
+        f"- merged model made with: `{n}`" for n in sorted(notes)
+    ] + [""]
 
 
 def _memory_rows(result):

@@ -257,6 +257,15 @@ def test_he_uniform_a_is_drawn_with_the_input_size_as_fan_in():
     assert np.abs(a).max() > 0.9 * limit
 
 
+@pytest.mark.backend("torch")
+def test_lora_a_is_stored_contiguous_rank_first_on_torch():
+    # A strided (rank-last in memory) lora_a would make torch compute dA
+    # as the slow tall product again (benchmarks/FINDINGS.md, 1b).
+    layer = LoRADense.from_layer(built_dense(), rank=2)
+    assert layer.lora_a.value.is_contiguous()
+    assert tuple(layer.lora_a.value.stride()) == (D_IN, 1)
+
+
 class _DotLoss(keras.losses.Loss):
     """`sum(y_pred * y_true)`: its gradient w.r.t. the output is `y_true`."""
 

@@ -3,6 +3,7 @@
 import math
 
 import keras
+import numpy as np
 from keras import initializers
 from keras import ops
 
@@ -415,7 +416,12 @@ class _RankFirst:
     def __call__(self, shape, dtype=None):
         kernel_layout = tuple(shape[1:]) + (shape[0],)
         value = self.initializer(kernel_layout, dtype=dtype)
-        return ops.moveaxis(value, -1, 0)
+        # A contiguous copy: on torch `moveaxis` is a strided view, and a
+        # variable made from it would keep the rank-last memory layout
+        # (and its slow gradient) under the rank-first shape.
+        return np.ascontiguousarray(
+            np.moveaxis(ops.convert_to_numpy(value), -1, 0)
+        )
 
 
 class _NullScope:
