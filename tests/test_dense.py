@@ -266,20 +266,24 @@ def test_lora_a_is_stored_contiguous_rank_first_on_torch():
     assert tuple(layer.lora_a.value.stride()) == (D_IN, 1)
 
 
-class _DotLoss(keras.losses.Loss):
-    """`sum(y_pred * y_true)`: its gradient w.r.t. the output is `y_true`."""
+class DotLoss(keras.losses.Loss):
+    """`sum(y_pred * y_true)`: its gradient w.r.t. the output is `y_true`.
+
+    Also used by tests/test_einsum_dense.py.
+    """
 
     def __init__(self):
         super().__init__(reduction="sum")
 
     def call(self, y_true, y_pred):
-        return keras.ops.sum(y_pred * y_true, axis=(1, 2))
+        axes = tuple(range(1, len(y_pred.shape)))
+        return keras.ops.sum(y_pred * y_true, axis=axes)
 
 
 @pytest.mark.parametrize("jit_compile", [False, "auto"])
 def test_gradients_on_3d_inputs_match_numpy(jit_compile):
-    # Transformer-shaped inputs take the 2-D-view path under a trace (and
-    # torch.addmm on torch); eager JAX keeps the N-D product. One SGD step
+    # Transformer-shaped inputs go through the 2-D-view kernel (a jitted
+    # function on JAX, torch.addmm on torch), compiled or not. One SGD step
     # with learning rate 1 exposes a gradient. One adapter trains per step:
     # with both, TensorFlow may apply one update before the other's
     # gradient has read the old value (plain stacked Dense layers show the
@@ -289,30 +293,40 @@ def test_gradients_on_3d_inputs_match_numpy(jit_compile):
     )
     model = keras.Sequential([keras.Input((None, D_IN)), layer])
     x, g = sample((2, 3, D_IN)), sample((2, 3, UNITS), seed=5)
-    xf, gf = x.reshape(-1, D_IN), g.reshape(-1, UNITS)
+    np.testing.assert_allclose(
+        to_np(model.predict(x, verbose=0)), lora_reference(layer, x),
+        rtol=1e-5, atol=1e-5,
+    )
+    assert_sgd_steps_follow_numpy_gradients(model, layer, x, g, jit_compile)
+
+
+def assert_sgd_steps_follow_numpy_gradients(model, layer, x, g, jit_compile):
+    """One SGD step (learning rate 1, loss `sum(y * g)`) per adapter moves
+    it by exactly its numpy gradient, computed on 2-D views: `x` as
+    `(N, d_in)`, `g` as `(N, d_out)`, A as `(rank, d_in)`, B as
+    `(rank, d_out)`. Also used by tests/test_einsum_dense.py."""
+    rank = layer.rank
+    d_in = int(np.prod(layer.lora_a.shape[1:]))
+    d_out = int(np.prod(layer.lora_b.shape[1:]))
+    x2, g2 = x.reshape(-1, d_in), g.reshape(-1, d_out)
     for trained, frozen in ((layer.lora_b, layer.lora_a),
                             (layer.lora_a, layer.lora_b)):
         trained.trainable, frozen.trainable = True, False
         model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=1.0),
-            loss=_DotLoss(),
+            loss=DotLoss(),
             jit_compile=jit_compile,
         )
-        np.testing.assert_allclose(
-            to_np(model.predict(x, verbose=0)),
-            lora_reference(layer, x),
-            rtol=1e-5,
-            atol=1e-5,
-        )
-        a = to_np(layer.lora_a).astype("float64").T  # (d_in, rank)
-        b = to_np(layer.lora_b).astype("float64")
+        a = to_np(layer.lora_a).astype("float64").reshape(rank, d_in)
+        b = to_np(layer.lora_b).astype("float64").reshape(rank, d_out)
         model.train_on_batch(x, g)
         if trained is layer.lora_b:
-            expected = b - layer.scaling * (xf @ a).T @ gf
+            expected = b - layer.scaling * (x2 @ a.T).T @ g2
         else:
-            expected = (a - layer.scaling * xf.T @ (gf @ b.T)).T
+            expected = a - layer.scaling * (g2 @ b.T).T @ x2
         np.testing.assert_allclose(
-            to_np(trained), expected, rtol=1e-4, atol=1e-4
+            to_np(trained).reshape(expected.shape), expected,
+            rtol=1e-4, atol=1e-4,
         )
 
 
