@@ -379,6 +379,11 @@ def test_version_2_file_whose_rank_disagrees_is_rejected(adapter_path, tmp_path)
     )
     with pytest.raises(ValueError, match="rank 2 disagrees with lora_a_shape"):
         read_adapter(path)
+    model = adapt(base_model())
+    before = state(model)
+    with pytest.raises(ValueError, match="rank 2 disagrees with lora_a_shape"):
+        load_adapter(model, path)
+    assert_unchanged(model, before)
 
 
 def test_version_1_file_without_extras_still_loads(adapter_path, tmp_path):
