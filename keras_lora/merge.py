@@ -132,10 +132,7 @@ def unmerge_adapters(model):
     Returns:
         `model`.
     """
-    for entry in _lora_entries(model):
-        entry.layer.unmerge()
-    reset_compiled_functions(model)
-    return model
+    return _on_every_lora_layer(model, "unmerge")
 
 
 def disable_adapters(model):
@@ -160,9 +157,7 @@ def disable_adapters(model):
     >>> [layer.adapter_enabled for layer in lora_layers(model).values()]
     [False]
     """
-    for entry in _lora_entries(model):
-        entry.layer.disable_adapter()
-    return reset_compiled_functions(model)
+    return _on_every_lora_layer(model, "disable_adapter")
 
 
 def enable_adapters(model):
@@ -174,12 +169,18 @@ def enable_adapters(model):
     Returns:
         `model`.
     """
-    for entry in _lora_entries(model):
-        entry.layer.enable_adapter()
-    return reset_compiled_functions(model)
+    return _on_every_lora_layer(model, "enable_adapter")
 
 
 # Shared steps -------------------------------------------------------------
+
+
+def _on_every_lora_layer(model, method):
+    """Calls `method` on every LoRA layer, then resets the traced functions
+    (which have the layers' Python flags baked in). Returns `model`."""
+    for entry in _lora_entries(model):
+        getattr(entry.layer, method)()
+    return reset_compiled_functions(model)
 
 
 def _lora_entries(model):

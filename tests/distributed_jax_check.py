@@ -32,16 +32,8 @@ import keras_lora  # noqa: E402
 from keras_lora.adapters import load_adapter  # noqa: E402
 from keras_lora.adapters import save_adapter  # noqa: E402
 from keras_lora.merge import merge_adapters  # noqa: E402
+from tiny_gemma import CONFIG  # noqa: E402
 
-CONFIG = dict(
-    vocabulary_size=64,
-    num_layers=1,
-    num_query_heads=4,
-    num_key_value_heads=4,
-    hidden_dim=16,
-    intermediate_dim=32,
-    head_dim=8,
-)
 STEPS = 3
 BATCH, LENGTH = 8, 8
 

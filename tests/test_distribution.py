@@ -23,19 +23,11 @@ import keras_lora
 from keras_lora.distribution import adapter_axes
 from keras_lora.distribution import extend_layout_map
 from keras_lora.distribution import kernel_axes_of
+from tiny_gemma import CONFIG as GEMMA
+from tiny_gemma import QUERY
 
 BACKEND = keras.backend.backend()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GEMMA = dict(
-    vocabulary_size=64,
-    num_layers=1,
-    num_query_heads=4,
-    num_key_value_heads=4,
-    hidden_dim=16,
-    intermediate_dim=32,
-    head_dim=8,
-)
-QUERY = "decoder_block_0/attention/query"
 
 
 def string_mesh(shape=(2, 4)):
@@ -193,23 +185,17 @@ def jax_mesh_run():
 
 
 @pytest.mark.backend("jax")
-def test_model_parallel_2x4_loss_equals_single_device(jax_mesh_run):
+@pytest.mark.parametrize(
+    "run", ["model_parallel", "data_parallel"],
+    ids=["model_parallel_2x4", "data_parallel_8"],
+)
+def test_mesh_loss_equals_single_device(jax_mesh_run, run):
     np.testing.assert_allclose(
-        jax_mesh_run["model_parallel_losses"],
+        jax_mesh_run[f"{run}_losses"],
         jax_mesh_run["single_losses"],
         rtol=1e-5,
     )
-    assert jax_mesh_run["model_parallel_adapter_max_diff"] < 1e-4
-
-
-@pytest.mark.backend("jax")
-def test_data_parallel_8_loss_equals_single_device(jax_mesh_run):
-    np.testing.assert_allclose(
-        jax_mesh_run["data_parallel_losses"],
-        jax_mesh_run["single_losses"],
-        rtol=1e-5,
-    )
-    assert jax_mesh_run["data_parallel_adapter_max_diff"] < 1e-4
+    assert jax_mesh_run[f"{run}_adapter_max_diff"] < 1e-4
 
 
 @pytest.mark.backend("jax")

@@ -135,6 +135,14 @@ def linear_layer_count(model):
 # Tasks keep their class and generate ------------------------------------
 
 
+def adapt_and_generate(lm):
+    """Adapts `lm` with a non-zero adapter; returns its greedy output."""
+    keras_lora.apply_lora(lm, rank=RANK)
+    randomize_lora_b(lm)
+    hub.reset_compiled_functions(lm)
+    return greedy_generate(lm)
+
+
 @pytest.mark.parametrize("factory", [f for _, f in CAUSAL_LMS],
                          ids=[n for n, _ in CAUSAL_LMS])
 def test_causal_lm_keeps_class_sampler_and_greedy_output(factory):
@@ -155,10 +163,7 @@ def test_causal_lm_generates_the_same_after_merging_a_nonzero_adapter(factory):
     lm = factory()
     lm.compile(sampler="greedy")
     base = greedy_generate(lm)
-    keras_lora.apply_lora(lm, rank=RANK)
-    randomize_lora_b(lm)
-    hub.reset_compiled_functions(lm)
-    adapted = greedy_generate(lm)
+    adapted = adapt_and_generate(lm)
     assert not np.array_equal(adapted, base)  # the adapter matters
     for layer in keras_lora.lora_layers(lm).values():
         layer.merge()
@@ -170,10 +175,7 @@ def test_causal_lm_generates_the_same_after_merging_a_nonzero_adapter(factory):
 def test_merge_lora_in_place_gives_the_plain_task_generating_the_same():
     lm = gpt2_causal_lm()
     lm.compile(sampler="greedy")
-    keras_lora.apply_lora(lm, rank=RANK)
-    randomize_lora_b(lm)
-    hub.reset_compiled_functions(lm)
-    adapted = greedy_generate(lm)
+    adapted = adapt_and_generate(lm)
     cls = type(lm)
     # No manual reset: merging clears the traced `generate` itself.
     assert keras_lora.merge_lora(lm, in_place=True) is lm
@@ -184,10 +186,7 @@ def test_merge_lora_in_place_gives_the_plain_task_generating_the_same():
 def test_merge_adapters_clears_a_traced_generate():
     lm = gpt2_causal_lm()
     lm.compile(sampler="greedy")
-    keras_lora.apply_lora(lm, rank=RANK)
-    randomize_lora_b(lm)
-    hub.reset_compiled_functions(lm)
-    adapted = greedy_generate(lm)
+    adapted = adapt_and_generate(lm)
     keras_lora.merge_adapters(lm)
     np.testing.assert_array_equal(greedy_generate(lm), adapted)
     keras_lora.unmerge_adapters(lm)

@@ -21,8 +21,6 @@ keras-lora depends on the backend for speed:
   itself: no separate multiply, no `(N, d_out)` temporary and add.
 """
 
-import functools
-
 import keras
 from keras import ops
 
@@ -85,7 +83,7 @@ def _as_rows(x, width):
 
 
 if _BACKEND == "jax":
-    _jax_update = functools.partial(jax.jit, static_argnums=(4,))(_update)
+    _jax_update = jax.jit(_update, static_argnums=(4,))
 
 
 def _torch_update(outputs, inputs, lora_a, lora_b, scaling):
