@@ -1,45 +1,52 @@
-"""keras-lora: LoRA fine-tuning for Keras 3 on JAX, TensorFlow and PyTorch."""
+"""keras-lora: LoRA fine-tuning for Keras 3 on JAX, TensorFlow and PyTorch.
 
-from keras_lora.adapters import load_adapter
-from keras_lora.adapters import read_adapter
-from keras_lora.adapters import save_adapter
-from keras_lora.distribution import extend_layout_map
-from keras_lora.export import export_merged
-from keras_lora.layers import LoRADense
-from keras_lora.layers import LoRAEinsumDense
-from keras_lora.layers import LoRALayer
-from keras_lora.merge import disable_adapters
-from keras_lora.merge import enable_adapters
-from keras_lora.merge import merge_adapters
-from keras_lora.merge import merge_lora
-from keras_lora.merge import unmerge_adapters
-from keras_lora.model_io import load_model
-from keras_lora.model_io import save_model
-from keras_lora.surgery import apply_lora
-from keras_lora.surgery import lora_layers
-from keras_lora.surgery import print_trainable_parameters
-from keras_lora.surgery import trainable_parameter_report
+The public names are imported on first use (PEP 562), so `import
+keras_lora` and the `keras-lora inspect` command do not import Keras or a
+backend until something needs them.
+"""
+
+import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LoRADense",
-    "LoRAEinsumDense",
-    "LoRALayer",
-    "apply_lora",
-    "disable_adapters",
-    "enable_adapters",
-    "export_merged",
-    "extend_layout_map",
-    "load_adapter",
-    "load_model",
-    "lora_layers",
-    "merge_adapters",
-    "merge_lora",
-    "print_trainable_parameters",
-    "read_adapter",
-    "save_adapter",
-    "save_model",
-    "trainable_parameter_report",
-    "unmerge_adapters",
-]
+# {public name: module defining it}
+_EXPORTS = {
+    "LoRADense": "keras_lora.layers",
+    "LoRAEinsumDense": "keras_lora.layers",
+    "LoRALayer": "keras_lora.layers",
+    "apply_lora": "keras_lora.surgery",
+    "disable_adapters": "keras_lora.merge",
+    "enable_adapters": "keras_lora.merge",
+    "export_merged": "keras_lora.export",
+    "extend_layout_map": "keras_lora.distribution",
+    "load_adapter": "keras_lora.adapters",
+    "load_model": "keras_lora.model_io",
+    "lora_layers": "keras_lora.surgery",
+    "merge_adapters": "keras_lora.merge",
+    "merge_lora": "keras_lora.merge",
+    "print_trainable_parameters": "keras_lora.surgery",
+    "read_adapter": "keras_lora.adapter_file",
+    "save_adapter": "keras_lora.adapters",
+    "save_model": "keras_lora.model_io",
+    "trainable_parameter_report": "keras_lora.surgery",
+    "unmerge_adapters": "keras_lora.merge",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f"{__name__}.{name}")  # a submodule
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

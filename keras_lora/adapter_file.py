@@ -10,50 +10,59 @@ weights of layers kept fully trainable (`apply_lora(trainable=...)`, e.g.
 safetensors header metadata under the key `"keras_lora"`:
 
 ```
-{"format": "keras_lora.adapter", "format_version": 3,
+{"format": "keras_lora.adapter", "format_version": 4,
  "keras_lora_version": "0.1.0", "keras_version": "3.15.1", "backend": "jax",
  "layers": {"block/up": {"class": "LoRADense", "base_class": "Dense",
    "rank": 8, "alpha": 16.0, "scaling": 2.0, "use_rslora": false,
    "dropout": 0.0, "train_bias": false, "lora_a_shape": [8, 64],
    "lora_b_shape": [8, 128], "base_kernel_shape": [64, 128]}},
  "trainable_layers": ["head"],
- "extra_tensors": {"head/kernel": [128, 3], "head/bias": [3]}}
+ "extra_tensors": {"head/kernel": [128, 3], "head/bias": [3]},
+ "digests": {"block/up/lora_a": "1c291ca3", ...},
+ "layer_keys": {"block/up": "...", "head": "..."}}
 ```
 
-`lora_a` is stored rank-first, `(rank,) + contracted axes`, as in memory
-(and as PEFT stores `lora_A.weight`). Version 1 and 2 files stored it
-rank-last; they still read, `read_adapter` moving the rank axis to the
-front. Version 1 files (no `trainable_layers` / `extra_tensors`) still read.
+`digests` holds the CRC-32 (zlib's, 8 lowercase hex digits) of every
+tensor's bytes as stored (little-endian float32); `read_adapter` verifies
+each one. `layer_keys` maps every layer path the file names (adapted,
+fully trainable, owners of extra tensors) to a structural key that does not
+depend on auto-generated layer names. The header follows a strict schema
+(`keras_lora.adapter_schema`): required keys, exact types, no unknown or
+repeated keys, `scaling == alpha / rank` (`alpha / sqrt(rank)` with rsLoRA).
 
-so any safetensors reader sees a clean file, and `load_adapter` can
+`lora_a` is stored rank-first, `(rank,) + contracted axes`, as in memory
+(and as PEFT stores `lora_A.weight`). Older files still read: version 3
+(no digests, no layer keys; `AdapterFile.verified` is `False`), version 2
+and 1 (`lora_a` rank-last; `read_adapter` moves the rank axis to the
+front), version 1 (no `trainable_layers` / `extra_tensors`).
+
+So any safetensors reader sees a clean file, and `load_adapter` can
 re-create the adaptation on a base model. Files are backend-neutral.
 
 The header costs about 0.3-0.5 KiB per adapted layer (each path appears in
-the metadata and in two tensor names), so it stays under 64 KiB up to
-roughly 120 layers with keras-hub-length paths (a 12-block transformer with
-every linear layer adapted needs about 40 KiB).
+the metadata, in `digests`, `layer_keys` and in two tensor names), so it
+stays well under 64 KiB up to roughly 100 layers with keras-hub-length
+paths.
 """
 
 import dataclasses
 import json
 import math
 import os
-import tempfile
+import zlib
 
 import numpy as np
 import safetensors
 import safetensors.numpy
 
-from keras_lora import config as lora_config
+from keras_lora import adapter_schema as schema
+from keras_lora import atomic_files
+from keras_lora.adapter_schema import FORMAT_NAME  # noqa: F401
+from keras_lora.adapter_schema import FORMAT_VERSION  # noqa: F401
+from keras_lora.adapter_schema import LORA_CLASS_NAMES  # noqa: F401
+from keras_lora.adapter_schema import RANK_FIRST_SINCE
 
-FORMAT_NAME = "keras_lora.adapter"
-FORMAT_VERSION = 3
-# Before version 3, `lora_a` was stored rank-last, `contracted + (rank,)`.
-RANK_FIRST_SINCE = 3
 METADATA_KEY = "keras_lora"
-
-# The LoRA classes a file may name (checked against `type(layer).__name__`).
-LORA_CLASS_NAMES = ("LoRADense", "LoRAEinsumDense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +100,11 @@ class AdapterFile:
     # {"<owner layer path>/<variable name>": shape} of the other trained
     # weights (fully trainable layers, `train_bias` biases).
     extra_tensors: dict = dataclasses.field(default_factory=dict)
+    # {layer path: structural key} for every path the file names; `{}` for
+    # files written before format 4.
+    layer_keys: dict = dataclasses.field(default_factory=dict)
+    # Whether every tensor's digest was checked (format 4 and later).
+    verified: bool = False
 
     @property
     def parameter_count(self):
@@ -98,8 +112,12 @@ class AdapterFile:
 
 
 def write_adapter_file(path, tensors, records, who="save_adapter",
-                       extras=None, trainable_layers=()):
+                       extras=None, trainable_layers=(), layer_keys=None):
     """Writes tensors and layer records as an adapter file, atomically.
+
+    The header is checked against the same schema `read_adapter` applies
+    before anything is written, so a file that would not read is never
+    written (and an existing file at `path` is left as it was).
 
     Args:
         path: the file to write; its parent directory must exist.
@@ -109,9 +127,25 @@ def write_adapter_file(path, tensors, records, who="save_adapter",
         extras: optional `{"<layer path>/<variable name>": float32 array}`,
             the other trained weights.
         trainable_layers: paths of the fully trainable layers.
+        layer_keys: optional `{layer path: structural key}`; it must cover
+            every adapted layer, every fully trainable layer and every owner
+            of an extra tensor (other entries are left out). `None` records
+            each path as its own key.
 
     Returns:
         The absolute path written.
+
+    Example:
+
+    >>> a, b = np.zeros((2, 4), "float32"), np.zeros((2, 3), "float32")
+    >>> record = {"class": "LoRADense", "base_class": "Dense", "rank": 2,
+    ...           "alpha": 2.0, "scaling": 1.0, "use_rslora": False,
+    ...           "dropout": 0.0, "train_bias": False,
+    ...           "lora_a_shape": [2, 4], "lora_b_shape": [2, 3],
+    ...           "base_kernel_shape": [4, 3]}
+    >>> write_adapter_file("/tmp/a.safetensors",
+    ...                    {"d/lora_a": a, "d/lora_b": b}, {"d": record})
+    ... # doctest: +SKIP
     """
     target = _check_parent(path, who)
     extras = dict(extras or {})
@@ -121,27 +155,57 @@ def write_adapter_file(path, tensors, records, who="save_adapter",
             f"{who}: trained weight '{clash[0]}' has the name of an adapter "
             "tensor; rename the variable."
         )
-    document = _metadata_json(records, extras, trainable_layers)
-    payload = safetensors.numpy.save(
-        {**tensors, **extras}, metadata={METADATA_KEY: document}
+    arrays = {
+        key: np.ascontiguousarray(value, dtype="<f4")
+        for key, value in {**tensors, **extras}.items()
+    }
+    trainable_layers = list(trainable_layers)
+    named = _named_paths(records, trainable_layers, extras)
+    document = _document(
+        records, arrays, extras, trainable_layers,
+        _chosen_layer_keys(layer_keys, named, who),
     )
-    _write_atomically(payload, target)
+    try:
+        text = json.dumps(document, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise ValueError(
+            f"{who}: a layer record holds NaN or an infinite number "
+            f"({_non_finite_fields(records)}). Nothing was written."
+        ) from None
+    try:
+        _validate_document(text, list(arrays), f"{who}: the header to write")
+    except ValueError as error:
+        raise ValueError(f"{error} Nothing was written.") from None
+    payload = safetensors.numpy.save(arrays, metadata={METADATA_KEY: text})
+    atomic_files.write_atomically(payload, target)
     return target
 
 
 def read_adapter(path):
     """Reads and validates an adapter file without touching any model.
 
+    The header must follow the strict schema, every tensor must match the
+    header's shape and dtype, hold only finite values, and (format 4) match
+    its recorded digest.
+
     Args:
         path: an adapter file written by `save_adapter`.
 
     Returns:
         An `AdapterFile` with `metadata` (the parsed JSON document),
-        `layers` (`{path: LayerRecord}`) and `tensors` (numpy arrays).
+        `layers` (`{path: LayerRecord}`), `tensors` (numpy arrays),
+        `layer_keys` and `verified` (whether digests were checked).
 
     Raises:
         FileNotFoundError: if `path` does not exist.
-        ValueError: if the file is not a valid keras-lora adapter.
+        ValueError: if the file is not a valid keras-lora adapter, naming
+            the file and the offending key or tensor.
+
+    Example:
+
+    >>> adapter = read_adapter("task.safetensors")  # doctest: +SKIP
+    >>> adapter.verified, sorted(adapter.layers)  # doctest: +SKIP
+    (True, ['dense'])
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -153,54 +217,98 @@ def read_adapter(path):
         with safetensors.safe_open(path, framework="numpy") as handle:
             header = handle.metadata() or {}
             if METADATA_KEY not in header:
-                raise _NotAnAdapter(
+                raise ValueError(
                     f"{where} is a safetensors file but not a keras-lora "
                     f"adapter: its metadata has no '{METADATA_KEY}' entry "
                     f"(tensors: {_sample(list(handle.keys()))})."
                 )
-            metadata = _parse_metadata(header[METADATA_KEY], where)
-            records = _parse_records(metadata, where)
-            trainable_layers, extra_tensors = _parse_extras(metadata, where)
-            _check_tensor_index(handle, records, extra_tensors, where)
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        if metadata["format_version"] < RANK_FIRST_SINCE:
-            records, tensors = _rank_first(records, tensors)
-    except _NotAnAdapter as error:
-        raise ValueError(str(error)) from None
+            names = list(handle.keys())
+            parsed = _validate_document(header[METADATA_KEY], names, where)
+            _check_tensor_index(handle, parsed, where)
+            tensors = {key: handle.get_tensor(key) for key in names}
     except safetensors.SafetensorError as error:
         raise ValueError(
             f"{where} is not a readable safetensors file (truncated, "
             f"corrupted or another format): {error}"
         ) from None
+    document, records, trainable_layers, extra_tensors, layer_keys, digests = parsed
     for key, value in tensors.items():
         if not np.all(np.isfinite(value)):
             raise ValueError(f"{where}: tensor '{key}' holds NaN or infinite values.")
+    for key, recorded in digests.items():
+        found = _digest(tensors[key])
+        if found != recorded:
+            raise ValueError(
+                f"{where}: tensor '{key}' is corrupted: its CRC-32 is {found} "
+                f"but the header records {recorded}. Save or download the "
+                "file again."
+            )
+    if document["format_version"] < RANK_FIRST_SINCE:
+        records, tensors = _rank_first(records, tensors)
     return AdapterFile(
-        path, metadata, records, tensors, trainable_layers, extra_tensors
+        path, document, records, tensors, trainable_layers, extra_tensors,
+        layer_keys, verified=bool(digests),
     )
 
 
 # Writing ------------------------------------------------------------------
 
 
-def _metadata_json(records, extras, trainable_layers):
+def _document(records, arrays, extras, trainable_layers, layer_keys):
     import keras
 
     import keras_lora
 
-    document = {
+    return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "keras_lora_version": keras_lora.__version__,
         "keras_version": keras.__version__,
         "backend": keras.backend.backend(),
         "layers": records,
-        "trainable_layers": list(trainable_layers),
+        "trainable_layers": trainable_layers,
         "extra_tensors": {
-            key: list(value.shape) for key, value in extras.items()
+            key: list(np.shape(value)) for key, value in extras.items()
         },
+        "digests": {key: _digest(value) for key, value in arrays.items()},
+        "layer_keys": layer_keys,
     }
-    return json.dumps(document, separators=(",", ":"))
+
+
+def _non_finite_fields(records):
+    return ", ".join(
+        f"layer '{path}': {field}={value!r}"
+        for path, record in records.items()
+        for field, value in dict(record).items()
+        if isinstance(value, float) and not math.isfinite(value)
+    ) or "unknown field"
+
+
+def _digest(array):
+    data = np.ascontiguousarray(array, dtype="<f4").reshape(-1).view(np.uint8)
+    return format(zlib.crc32(data), "08x")
+
+
+def _named_paths(records, trainable_layers, extras):
+    """Every layer path a file names, in file order, once each."""
+    owners = [key.rsplit("/", 1)[0] for key in extras]
+    return list(dict.fromkeys([*records, *trainable_layers, *owners]))
+
+
+def _chosen_layer_keys(layer_keys, named, who):
+    if layer_keys is None:
+        return {path: path for path in named}
+    if not hasattr(layer_keys, "keys"):
+        raise TypeError(
+            f"{who}: `layer_keys` must be a mapping from layer paths to "
+            f"structural keys. Received: layer_keys={layer_keys!r}"
+        )
+    missing = [path for path in named if path not in layer_keys]
+    if missing:
+        raise ValueError(
+            f"{who}: `layer_keys` has no key for layer '{missing[0]}'."
+        )
+    return {path: layer_keys[path] for path in named}
 
 
 def _check_parent(path, who):
@@ -217,96 +325,52 @@ def _check_parent(path, who):
 
 
 def _write_atomically(payload, target):
-    parent, name = os.path.split(target)
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{name}.", suffix=".tmp", dir=parent
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    atomic_files.write_atomically(payload, target)
 
 
 # Reading ------------------------------------------------------------------
 
 
-class _NotAnAdapter(Exception):
-    pass
+def _validate_document(text, tensor_names, where):
+    """The schema's checks of a header and its agreement with the tensor
+    names; returns `(document, records, trainable_layers, extra_tensors,
+    layer_keys, digests)`."""
+    document = schema.parse_document(text, where)
+    version = document["format_version"]
+    records = {
+        path: LayerRecord(**schema.parse_record(path, entry, version, where))
+        for path, entry in document["layers"].items()
+    }
+    trainable_layers, extra_tensors = schema.parse_extras(
+        document, records, where
+    )
+    layer_keys = schema.parse_layer_keys(
+        document, _named_paths(records, trainable_layers, extra_tensors), where
+    )
+    expected = _expected_tensors(records, extra_tensors)
+    _check_names(tensor_names, expected, where)
+    digests = schema.parse_digests(document, list(expected), where)
+    return document, records, trainable_layers, extra_tensors, layer_keys, digests
 
 
-def _parse_metadata(text, where):
-    try:
-        metadata = json.loads(text)
-    except ValueError as error:
-        raise _NotAnAdapter(
-            f"{where}: its '{METADATA_KEY}' metadata is not valid JSON ({error})."
-        ) from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
-        raise _NotAnAdapter(
-            f"{where}: its '{METADATA_KEY}' metadata does not describe a "
-            f"keras-lora adapter (expected format '{FORMAT_NAME}')."
+def _expected_tensors(records, extra_tensors):
+    expected = {}
+    for record in records.values():
+        expected[f"{record.path}/lora_a"] = record.lora_a_shape
+        expected[f"{record.path}/lora_b"] = record.lora_b_shape
+    expected.update(extra_tensors)
+    return expected
+
+
+def _check_names(names, expected, where):
+    missing = [key for key in expected if key not in names]
+    if missing:
+        raise ValueError(f"{where}: tensor '{missing[0]}' is missing.")
+    extra = sorted(set(names) - set(expected))
+    if extra:
+        raise ValueError(
+            f"{where}: tensor '{extra[0]}' belongs to no recorded layer."
         )
-    version = metadata.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _NotAnAdapter(f"{where}: bad format_version {version!r}.")
-    if version > FORMAT_VERSION:
-        raise _NotAnAdapter(
-            f"{where} uses adapter format version {version}, newer than this "
-            f"keras-lora reads ({FORMAT_VERSION}); upgrade keras-lora "
-            f"(the file was written by {metadata.get('keras_lora_version')})."
-        )
-    layers = metadata.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise _NotAnAdapter(f"{where}: its metadata lists no layers.")
-    return metadata
-
-
-def _parse_records(metadata, where):
-    records = {}
-    for path, entry in metadata["layers"].items():
-        at = f"{where}, layer '{path}': "
-        try:
-            lora_class = entry["class"]
-            if lora_class not in LORA_CLASS_NAMES:
-                raise ValueError(
-                    f"unknown LoRA class {lora_class!r} (known: "
-                    f"{list(LORA_CLASS_NAMES)})"
-                )
-            rank = lora_config.validate_rank(entry["rank"])
-            record = LayerRecord(
-                path=path,
-                lora_class=lora_class,
-                base_class=str(entry["base_class"]),
-                rank=rank,
-                alpha=lora_config.validate_alpha(entry["alpha"], rank),
-                scaling=float(entry["scaling"]),
-                use_rslora=_as_bool(entry["use_rslora"], "use_rslora"),
-                dropout=lora_config.validate_dropout(entry["dropout"]),
-                train_bias=_as_bool(entry["train_bias"], "train_bias"),
-                lora_a_shape=_as_shape(entry["lora_a_shape"], "lora_a_shape"),
-                lora_b_shape=_as_shape(entry["lora_b_shape"], "lora_b_shape"),
-                base_kernel_shape=_as_shape(
-                    entry["base_kernel_shape"], "base_kernel_shape"
-                ),
-            )
-        except KeyError as error:
-            raise _NotAnAdapter(f"{at}the record lacks {error}.") from None
-        except (TypeError, ValueError) as error:
-            raise _NotAnAdapter(f"{at}{error}") from None
-        rank_axis = 0 if metadata["format_version"] >= RANK_FIRST_SINCE else -1
-        if record.lora_a_shape[rank_axis] != rank or record.lora_b_shape[0] != rank:
-            raise _NotAnAdapter(
-                f"{at}rank {rank} disagrees with lora_a_shape "
-                f"{record.lora_a_shape} / lora_b_shape {record.lora_b_shape}."
-            )
-        records[path] = record
-    return records
 
 
 def _rank_first(records, tensors):
@@ -322,76 +386,22 @@ def _rank_first(records, tensors):
     return converted, tensors
 
 
-def _parse_extras(metadata, where):
-    """`trainable_layers` and `extra_tensors` (absent in version 1 files)."""
-    layers = metadata.get("trainable_layers", [])
-    if not isinstance(layers, list) or not all(
-        isinstance(p, str) and p for p in layers
-    ):
-        raise _NotAnAdapter(
-            f"{where}: `trainable_layers` must be a list of layer paths, "
-            f"got {layers!r}."
-        )
-    extras = metadata.get("extra_tensors", {})
-    if not isinstance(extras, dict):
-        raise _NotAnAdapter(
-            f"{where}: `extra_tensors` must map names to shapes, got {extras!r}."
-        )
-    shapes = {}
-    for key, shape in extras.items():
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0
-            for d in shape
-        ):
-            raise _NotAnAdapter(
-                f"{where}: extra tensor '{key}' has a bad shape {shape!r}."
-            )
-        shapes[key] = tuple(shape)
-    return tuple(layers), shapes
-
-
-def _as_bool(value, name):
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be true or false, got {value!r}")
-    return value
-
-
-def _as_shape(value, name):
-    if not isinstance(value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value
-    ):
-        raise ValueError(f"`{name}` must be a list of positive ints, got {value!r}")
-    return tuple(value)
-
-
-def _check_tensor_index(handle, records, extra_tensors, where):
-    """Each recorded layer has exactly its two float32 tensors, as recorded,
-    and each recorded extra tensor is there, float32, of its shape."""
-    keys = set(handle.keys())
-    expected = dict(extra_tensors)
-    for record in records.values():
-        expected[f"{record.path}/lora_a"] = record.lora_a_shape
-        expected[f"{record.path}/lora_b"] = record.lora_b_shape
-    for key, shape in expected.items():
-        if key not in keys:
-            raise _NotAnAdapter(f"{where}: tensor '{key}' is missing.")
+def _check_tensor_index(handle, parsed, where):
+    """Each tensor the header names is float32 of its recorded shape."""
+    _, records, _, extra_tensors, _, _ = parsed
+    for key, shape in _expected_tensors(records, extra_tensors).items():
         tensor = handle.get_slice(key)
         if tensor.get_dtype() != "F32":
-            raise _NotAnAdapter(
+            raise ValueError(
                 f"{where}: tensor '{key}' has dtype {tensor.get_dtype()}, "
                 "expected F32 (float32)."
             )
         found = tuple(tensor.get_shape())
         if found != shape:
-            raise _NotAnAdapter(
+            raise ValueError(
                 f"{where}: tensor '{key}' has shape {found} but the metadata "
                 f"records {shape}."
             )
-    extra = sorted(keys - set(expected))
-    if extra:
-        raise _NotAnAdapter(
-            f"{where}: tensor '{extra[0]}' belongs to no recorded layer."
-        )
 
 
 def _sample(items, limit=8):
