@@ -48,13 +48,11 @@ class SchemaError(ValueError):
 
 
 def parse_document(text, where):
-    """Parses the header JSON: no duplicate keys, no NaN / Infinity, no
-    nesting deep enough to exhaust the stack; returns the top-level dict
-    after checking its keys and their types for its format version."""
+    """Parses the header JSON (no duplicate keys, no nesting deep enough to
+    exhaust the stack; a `NaN` parses, to be refused by the field that
+    holds it) and checks the top-level keys and types of its version."""
     try:
-        document = json.loads(
-            text, object_pairs_hook=_unique_keys, parse_constant=_no_constant
-        )
+        document = json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise SchemaError(
             f"{where}: its header JSON is nested too deeply to be an adapter "
@@ -256,10 +254,6 @@ def _unique_keys(pairs):
             raise SchemaError(f"repeats the key {key!r}")
         document[key] = value
     return document
-
-
-def _no_constant(name):
-    raise SchemaError(f"holds {name}, which JSON does not allow")
 
 
 def _exact_keys(mapping, required, what):
