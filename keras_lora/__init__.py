@@ -50,3 +50,8 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+# Routes model.save / keras.saving.load_model / load_weights / quantize of LoRA
+# models through keras-lora (keras_lora/keras_hooks.py); imports no backend.
+importlib.import_module("keras_lora.keras_hooks").install()

@@ -12,7 +12,9 @@ subprocess uses the same interpreter, `sys.executable`).
 """
 
 import collections
+import importlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +23,8 @@ import tempfile
 
 import keras
 
+from keras_lora import file_swap
+from keras_lora import export_signature
 from keras_lora import model_walk
 from keras_lora.layers import LoRALayer
 from keras_lora.merge import merge_lora
@@ -60,15 +64,45 @@ _UNSUPPORTED = {
     ),
 }
 
-_WORKER = """
-import sys
-import keras
-model = keras.saving.load_model(sys.argv[1], compile=False)
-model.export(sys.argv[2], format=sys.argv[3], verbose=False)
+# Ends the export process when the process that started it dies (a killed
+# parent cannot wait for, or kill, its child). Polls `os.getppid()`, which
+# works on every POSIX system; the parent passes its pid so that a parent
+# already gone before the thread starts is noticed too.
+_WATCHDOG = """
+import os, sys, threading, time
+_parent = int(sys.argv[1])
+def _watch():
+    while os.getppid() == _parent:
+        time.sleep(0.2)
+    os._exit(70)
+threading.Thread(target=_watch, daemon=True).start()
 """
 
+_EXPORT = """
+import importlib, json
+for name in json.loads(sys.argv[2])["modules"]:
+    importlib.import_module(name)
+import keras
+request = json.loads(sys.argv[2], object_hook=lambda d: keras.InputSpec(
+    shape=tuple(d["shape"]), dtype=d["dtype"]) if "__input_spec__" in d else d)
+model = keras.saving.load_model(request["model"], compile=False)
+signature = request["input_signature"]
+kwargs = {} if signature is None else {"input_signature": signature}
+model.export(request["artifact"], format=request["format"], verbose=False,
+             **kwargs)
+"""
 
-def export_merged(model, path, format="tf_saved_model", overwrite=True):
+_WORKER = _WATCHDOG + _EXPORT
+
+# Staging directories beside the target: `.<name>.export-<pid>-<random>`;
+# a crash between the two renames of the fallback swap leaves the previous
+# artifact there as `previous`.
+_STAGING_TAG = ".export-"
+_PREVIOUS = "previous"
+
+
+def export_merged(model, path, format="tf_saved_model", overwrite=None,
+                  input_signature=None, custom_modules=None):
     """Exports a (LoRA) model, adapters merged, for serving.
 
     LoRA layers are folded into plain `Dense` / `EinsumDense` layers first
@@ -76,11 +110,25 @@ def export_merged(model, path, format="tf_saved_model", overwrite=True):
     neither keras-lora nor Keras to serve. A model without LoRA layers is
     exported as it is. Works from the JAX, TensorFlow and PyTorch backends:
     off TensorFlow, the export runs in a subprocess with
-    `KERAS_BACKEND=tensorflow`.
+    `KERAS_BACKEND=tensorflow` (same interpreter and `sys.path`), whose
+    output is captured and shown only inside the error if it fails, and
+    which ends itself if this process dies.
+
+    Subclassed models: custom classes must be registered
+    (`keras.saving.register_keras_serializable`) in an importable module.
+    The subprocess imports every such module this process has imported;
+    name others with `custom_modules`. The input signature is taken from
+    the model's first call, or from `input_signature`.
 
     The artifact is written beside `path` under a temporary name and moved
-    into place when complete, so an interrupted export never leaves a
-    partial artifact at `path`.
+    into place only when complete. On Linux a directory is swapped in with
+    one atomic exchange (`renameat2`), so `path` always holds the previous
+    or the new artifact. Elsewhere the old directory is first moved into
+    the hidden staging directory `.<name>.export-<pid>-<random>/previous`;
+    if the process is killed between the two renames, the next
+    `export_merged` to the same `path` puts it back before doing anything
+    else. Every successful export removes the staging directories that
+    dead processes left for the same `path`.
 
     Args:
         model: a built Keras model, with or without LoRA layers.
@@ -89,17 +137,30 @@ def export_merged(model, path, format="tf_saved_model", overwrite=True):
         format: `"tf_saved_model"` (default; load it with
             `tf.saved_model.load(path)` and call its `serve` endpoint) or
             `"litert"`.
-        overwrite: replace an existing artifact at `path` (default).
+        overwrite: `None` (default) replaces a previous artifact of the same
+            format (a SavedModel directory, a regular `.tflite` file) and
+            refuses anything else; `True` replaces whatever is at `path`
+            (a regular file by a directory included); `False` never
+            replaces.
+        input_signature: optional, as for `keras.Model.export`: a list of
+            `keras.InputSpec` (or `tf.TensorSpec`, or anything with `shape`
+            and `dtype`), nested like the model's inputs. Needed for a
+            subclassed model that was built but never called.
+        custom_modules: optional list of module names the export
+            subprocess imports before loading the model (where custom
+            classes are registered).
 
     Returns:
         The path written, as a string.
 
     Raises:
-        ValueError: for an unknown or unsupported format, a bad path, or a
-            model whose update holds NaN / infinite values.
+        ValueError: for an unknown or unsupported format, a bad path, a
+            subclassed model without a known input signature, or a model
+            whose update holds NaN / infinite values.
         ImportError: if TensorFlow is not installed.
         FileNotFoundError: if the parent directory of `path` is missing.
-        FileExistsError: if `path` exists and `overwrite=False`.
+        FileExistsError: if `path` holds something `overwrite` does not
+            allow replacing.
         RuntimeError: if the export subprocess fails (its error is shown).
 
     Example:
@@ -112,21 +173,28 @@ def export_merged(model, path, format="tf_saved_model", overwrite=True):
     >>> tf.saved_model.load("/tmp/served").serve(np.ones((1, 8)))  # doctest: +SKIP
     """
     spec = check_format(format)
+    modules = _check_modules(custom_modules)
     target = _check_target(path, spec, overwrite)
     if not getattr(model, "built", False):
         raise ValueError(
             f"export_merged needs a built model, but '{model.name}' is not "
             "built. Call it on data first."
         )
+    signature = export_signature.resolve(model, input_signature)
     plain = _merged_or_plain(model)
     parent, name = os.path.split(target)
-    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    _recover_previous(parent, name, target)
+    staging = tempfile.mkdtemp(
+        prefix=f".{name}{_STAGING_TAG}{os.getpid()}-", dir=parent
+    )
     try:
         artifact = os.path.join(staging, name)
-        _write_artifact(plain, artifact, format, spec, staging)
+        _write_artifact(plain, artifact, format, spec, staging, signature,
+                        modules)
         _move_into_place(artifact, target, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _remove_stale_staging(parent, name)
     return target
 
 
@@ -163,7 +231,25 @@ def check_format(format):
     return spec
 
 
+def _check_modules(custom_modules):
+    if custom_modules is None:
+        return []
+    if isinstance(custom_modules, str) or not all(
+        isinstance(name, str) and name for name in custom_modules
+    ):
+        raise TypeError(
+            "export_merged: `custom_modules` must be a list of module names. "
+            f"Received: custom_modules={custom_modules!r}"
+        )
+    return list(custom_modules)
+
+
 def _check_target(path, spec, overwrite):
+    if overwrite not in (None, True, False):
+        raise TypeError(
+            "export_merged: `overwrite` must be None, True or False. "
+            f"Received: overwrite={overwrite!r}"
+        )
     target = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(target)
     if not os.path.isdir(parent):
@@ -176,10 +262,18 @@ def _check_target(path, spec, overwrite):
             f"export_merged writes {spec.artifact}, whose path must end in "
             f"'{spec.suffix}'. Received: path={path!r}"
         )
-    if os.path.lexists(target) and not overwrite:
+    if not os.path.lexists(target) or overwrite is True:
+        return target
+    if overwrite is False:
         raise FileExistsError(
             f"export_merged: '{target}' exists. Pass overwrite=True to "
             "replace it."
+        )
+    if not file_swap.is_previous_artifact(target, spec.suffix is None):
+        kind = "directory" if os.path.isdir(target) else "file"
+        raise FileExistsError(
+            f"export_merged: '{target}' is a {kind} that is not "
+            f"{spec.artifact}; pass overwrite=True to replace it anyway."
         )
     return target
 
@@ -194,46 +288,65 @@ def _merged_or_plain(model):
     return merge_lora(model) if has_lora else model
 
 
-def _write_artifact(model, artifact, format, spec, staging):
+def _write_artifact(model, artifact, format, spec, staging, signature,
+                    modules):
     if keras.backend.backend() == spec.backend:
-        model.export(artifact, format=format, verbose=False)
+        for name in modules:
+            importlib.import_module(name)
+        kwargs = {} if signature is None else {"input_signature": signature}
+        model.export(artifact, format=format, verbose=False, **kwargs)
         return
     keras_file = os.path.join(staging, "merged.keras")
     model.save(keras_file)
-    _export_in_subprocess(keras_file, artifact, format, spec)
+    request = {
+        "model": keras_file,
+        "artifact": artifact,
+        "format": format,
+        "input_signature": export_signature.to_json(signature),
+        "modules": export_signature.modules_to_import(model, modules),
+    }
+    _export_in_subprocess(request, spec)
 
 
-def _export_in_subprocess(keras_file, artifact, format, spec):
+def _export_in_subprocess(request, spec):
     env = dict(os.environ, KERAS_BACKEND=spec.backend)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The child finds what this process imports (custom classes included).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     result = subprocess.run(
-        [sys.executable, "-c", _WORKER, keras_file, artifact, format],
+        [sys.executable, "-c", _WORKER, str(os.getpid()),
+         json.dumps(request)],
         env=env,
         capture_output=True,
         text=True,
     )
-    if result.returncode != 0 or not os.path.exists(artifact):
+    if result.returncode != 0 or not os.path.lexists(request["artifact"]):
+        output = (result.stdout + result.stderr)[-4000:]
+        hint = ""
+        if "Could not locate class" in output:
+            hint = (
+                " A custom class could not be found: register it with "
+                "`keras.saving.register_keras_serializable` in an importable "
+                "module (not a script's `__main__`) and name that module in "
+                "`custom_modules=[...]`."
+            )
         raise RuntimeError(
-            f"export_merged(format={format!r}): the {spec.backend}-backend "
-            f"export process failed (exit code {result.returncode}). Its "
-            f"error output ends with:\n{result.stderr[-4000:]}"
+            f"export_merged(format={request['format']!r}): the "
+            f"{spec.backend}-backend export process failed (exit code "
+            f"{result.returncode}).{hint} Its output ends with:\n{output}"
         )
 
 
+def _recover_previous(parent, name, target):
+    file_swap.recover_previous(parent, f".{name}{_STAGING_TAG}", target,
+                                  _PREVIOUS)
+
+
+def _remove_stale_staging(parent, name):
+    file_swap.remove_stale(parent, f".{name}{_STAGING_TAG}")
+
+
 def _move_into_place(artifact, target, staging):
-    """Renames the finished artifact to `target`, replacing what was there."""
-    if not os.path.lexists(target):
-        os.replace(artifact, target)
-        return
-    if os.path.isfile(artifact) and not os.path.isdir(target):
-        os.replace(artifact, target)  # atomic for files
-        return
-    # A directory cannot be swapped atomically: move the old one aside
-    # first and put it back if the second rename fails.
-    previous = os.path.join(staging, ".previous")
-    os.rename(target, previous)
-    try:
-        os.rename(artifact, target)
-    except OSError:
-        os.rename(previous, target)
-        raise
+    file_swap.move_into_place(
+        artifact, target, os.path.join(staging, _PREVIOUS)
+    )

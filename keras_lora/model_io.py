@@ -2,28 +2,46 @@
 
 Keras re-creates a layer's sub-layers from the layer's own code when it
 loads a `.keras` file, so a LoRA layer swapped *inside* another layer (an
-attention block, a keras-hub transformer layer, a custom block) comes back
-as the plain layer it replaced, and the file's weights no longer fit.
-`save_model` therefore writes the base model (every LoRA layer swapped back
-to its base layer for the duration of the save) plus the adapter, as a
-safetensors file inside the same zip archive; `load_model` loads the base
-with Keras and re-applies the adapter. Plain `keras.saving.load_model` reads
-the same file as the base model.
+attention block, a keras-hub transformer layer, a custom block) would come
+back as the plain layer it replaced, and the file's weights would no longer
+fit. A keras-lora model file is therefore the *base view* of the model
+(every LoRA layer swapped back to its base layer for the duration of the
+save) plus the adapter, as a safetensors file inside the same zip archive
+(`keras_lora/adapter.safetensors`). Loading it with keras-lora re-applies
+the adapter; plain Keras, without keras-lora imported, reads the same file
+as the base model.
+
+The optimizer state is dropped: it belongs to the LoRA variables, which
+the base view does not have. The base view is saved uncompiled (plain
+Keras loads an uncompiled base model, without warnings); the compile
+settings travel as `keras_lora/compile_config.json`, and a keras-lora load
+compiles the adapted model with them and a fresh optimizer.
+
+`save_model` / `load_model` are the explicit entry points; with keras-lora
+imported, `model.save`, `keras.saving.load_model`, `ModelCheckpoint` and
+`model.load_weights` reach the same code (see `keras_lora.keras_hooks`).
 """
 
 import contextlib
+import io
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 
 import keras
 
 from keras_lora import adapters
+from keras_lora import file_swap
+from keras_lora import keras_hooks
 from keras_lora import layer_swap
 from keras_lora.surgery import lora_entries
 
 ADAPTER_MEMBER = "keras_lora/adapter.safetensors"
+COMPILE_MEMBER = "keras_lora/compile_config.json"
+# Temporary directories beside the target: `.<name>.keras_lora-<pid>-<random>`.
+_STAGING_TAG = ".keras_lora-"
 
 
 def save_model(model, path):
@@ -31,9 +49,15 @@ def save_model(model, path):
 
     The archive is the base model as Keras writes it (so any Keras can load
     it as the base) plus the adapter under `keras_lora/adapter.safetensors`.
-    The write is atomic: an interrupted save leaves the previous file or
-    none. Merged adapters (`merge_adapters`) are taken out of the kernels
-    for the save and put back afterwards, so the file holds the true base.
+    The write is atomic: the archive is written in a temporary directory
+    beside `path` and renamed over it, so an interrupted save leaves the
+    previous file or none. A killed save can leave that directory behind,
+    `.<file name>.keras_lora-<pid>-<random>`; the next successful save to
+    the same path removes such leftovers of dead processes. Merged adapters
+    (`merge_adapters`) are taken out of the kernels for the save and put
+    back afterwards, so the file holds the true base. The optimizer state
+    is not stored (see the module docstring). `model.save(path)` does the
+    same when keras-lora is imported.
 
     Args:
         model: a Keras model with LoRA layers.
@@ -48,38 +72,98 @@ def save_model(model, path):
     >>> save_model(model, "checkpoint.keras")  # doctest: +SKIP
     >>> restored = load_model("checkpoint.keras")  # doctest: +SKIP
     """
-    target = os.path.abspath(os.fspath(path))
-    if not target.endswith(".keras"):
-        raise ValueError(
-            f"save_model writes `.keras` files. Received: path={path!r}"
-        )
-    if not os.path.isdir(os.path.dirname(target)):
-        raise FileNotFoundError(
-            f"save_model: the directory of '{path}' does not exist. "
-            "Create it first."
-        )
+    target = _check_target(path, "save_model")
     entries = lora_entries(model)
     if not entries:
         raise ValueError(
             f"save_model: model '{model.name}' has no LoRA layers; use "
             "`model.save(path)`."
         )
-    directory = os.path.dirname(target)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".keras_lora_") as tmp:
-        adapter_file = adapters.save_adapter(
-            model, os.path.join(tmp, "adapter.safetensors")
+    _write_archive(model, entries, target, weights_format="h5")
+    return target
+
+
+def write_model(model, filepath, weights_format="h5", zipped=True):
+    """`keras.src.saving.saving_lib.save_model` for a model with LoRA layers.
+
+    Writes what `save_model` writes, to a `.keras` path or a binary file
+    object. Keras's unzipped directories and `hf://` paths are refused
+    (their loaders do not read the adapter member).
+    """
+    entries = lora_entries(model)
+    if isinstance(filepath, io.IOBase):
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = os.path.join(tmp, "model.keras")
+            _write_archive(model, entries, archive, weights_format)
+            with open(archive, "rb") as handle:
+                shutil.copyfileobj(handle, filepath)
+        return None
+    text = str(filepath)
+    if not zipped or text.startswith(("hf://", "gs://", "s3://")):
+        raise ValueError(
+            f"Saving model '{model.name}', which holds LoRA layers, works to a "
+            "local `.keras` file only: the base model plus its adapter. Save "
+            "the merged model, `keras_lora.merge_lora(model).save(...)`, or "
+            "the adapter, `keras_lora.save_adapter(model, path)`. Received: "
+            f"filepath={text!r}, zipped={zipped}"
         )
-        archive = os.path.join(tmp, "model.keras")
-        with _unmerged(entries), _base_layers_swapped_in(entries):
-            model.save(archive)
+    target = _check_target(filepath, "model.save")
+    _write_archive(model, entries, target, weights_format)
+    return None
+
+
+def _check_target(path, caller):
+    target = os.path.abspath(os.fspath(path))
+    if not target.endswith(".keras"):
+        raise ValueError(
+            f"{caller} writes `.keras` files. Received: path={path!r}"
+        )
+    if not os.path.isdir(os.path.dirname(target)):
+        raise FileNotFoundError(
+            f"{caller}: the directory of '{path}' does not exist. "
+            "Create it first."
+        )
+    if os.path.isdir(target):
+        raise IsADirectoryError(
+            f"{caller}: '{target}' is a directory; a `.keras` model file "
+            f"cannot replace it. Remove it or choose another path. Received: "
+            f"path={path!r}"
+        )
+    return target
+
+
+def _write_archive(model, entries, target, weights_format):
+    directory, name = os.path.split(target)
+    prefix = f".{name}{_STAGING_TAG}{os.getpid()}-"
+    staging = tempfile.mkdtemp(dir=directory, prefix=prefix)
+    try:
+        adapter_file = adapters.save_adapter(
+            model, os.path.join(staging, "adapter.safetensors")
+        )
+        archive = os.path.join(staging, "model.keras")
+        compile_config = (
+            model.get_compile_config() if getattr(model, "compiled", False)
+            else None
+        )
+        with _base_view(model, entries):
+            keras_hooks.original(_saving_lib().save_model)(
+                model, archive, weights_format=weights_format
+            )
         with zipfile.ZipFile(archive, "a") as handle:
             handle.write(adapter_file, ADAPTER_MEMBER)
+            if compile_config:
+                handle.writestr(COMPILE_MEMBER, json.dumps(compile_config))
         os.replace(archive, target)
-    return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    file_swap.remove_stale(directory, f".{name}{_STAGING_TAG}")
 
 
 def load_model(path, custom_objects=None, compile=True, safe_mode=True):
     """Loads a `.keras` file; re-applies its keras-lora adapter if it has one.
+
+    `keras.saving.load_model(path)` does the same when keras-lora is
+    imported.
 
     Args:
         path: a `.keras` file (from `save_model`, or any Keras model file).
@@ -91,30 +175,161 @@ def load_model(path, custom_objects=None, compile=True, safe_mode=True):
         The model, adapted exactly as it was saved, with its adapter
         weights, and compiled with the saved settings (a fresh optimizer:
         optimizer state is not restored).
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        ValueError: if `path` is not a readable `.keras` archive (a
+            directory, a truncated or foreign file); the message names it.
     """
     path = os.fspath(path)
-    with zipfile.ZipFile(path) as handle:
-        has_adapter = ADAPTER_MEMBER in handle.namelist()
-        compile_config = json.loads(handle.read("config.json")).get(
-            "compile_config"
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"load_model: no such file: '{path}'.")
+    if os.path.isdir(path) or not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"load_model: '{path}' is not a `.keras` archive (a zip file "
+            f"written by `model.save` or `keras_lora.save_model`)."
         )
-    if not has_adapter:
-        return keras.saving.load_model(
-            path, custom_objects=custom_objects, compile=compile,
-            safe_mode=safe_mode,
+    try:
+        with zipfile.ZipFile(path) as handle:
+            handle.getinfo("config.json")
+    except (zipfile.BadZipFile, KeyError, OSError) as error:
+        raise ValueError(
+            f"load_model: '{path}' is not a readable `.keras` archive "
+            f"({type(error).__name__}: {error})."
+        ) from error
+    if not holds_adapter(path):
+        return keras_hooks.original(_saving_lib().load_model)(
+            path, custom_objects, compile, safe_mode
         )
-    # The saved optimizer state belongs to the adapters, which the base
-    # model does not have yet: compile afresh once they are back.
-    model = keras.saving.load_model(
-        path, custom_objects=custom_objects, compile=False,
-        safe_mode=safe_mode,
+    return read_model(path, custom_objects, compile, safe_mode)
+
+
+def holds_adapter(filepath):
+    """Whether `filepath` (a path or binary file object) holds an adapter."""
+    return _adapter_bytes(filepath, probe=True) is not None
+
+
+def read_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+    """`saving_lib.load_model` for a file that holds a keras-lora adapter."""
+    adapter_bytes = _adapter_bytes(filepath)
+    if isinstance(filepath, io.IOBase):
+        filepath.seek(0)
+        compile_config = _compile_config(filepath)
+        filepath.seek(0)
+    else:
+        compile_config = _compile_config(filepath)
+    # The base view comes back first; the adapter, then compile (the saved
+    # optimizer belongs to the base view).
+    model = keras_hooks.original(_saving_lib().load_model)(
+        filepath, custom_objects, False, safe_mode
     )
-    with zipfile.ZipFile(path) as handle, tempfile.TemporaryDirectory() as tmp:
-        adapters.load_adapter(model, handle.extract(ADAPTER_MEMBER, tmp))
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_file = os.path.join(tmp, "adapter.safetensors")
+        with open(adapter_file, "wb") as handle:
+            handle.write(adapter_bytes)
+        adapters.load_adapter(model, adapter_file)
     if compile and compile_config:
         with keras.saving.custom_object_scope(custom_objects or {}):
             model.compile(**keras.saving.deserialize_keras_object(compile_config))
     return model
+
+
+def check_weights_fit(model, filepath, model_lora_paths):
+    """Refuses `load_weights` between LoRA and non-LoRA models up front.
+
+    Raises:
+        ValueError: if `filepath` holds LoRA weights and `model` has no LoRA
+            layers, or the reverse; nothing is assigned.
+    """
+    text = str(filepath)
+    if text.endswith(".keras") and holds_adapter(filepath):
+        raise ValueError(
+            f"load_weights: '{text}' is a keras-lora model file (the base "
+            "model plus an adapter). Load it with `keras.saving.load_model` "
+            "(keras-lora imported), or save the adapter with `save_adapter` "
+            f"and load it onto model '{model.name}' with `load_adapter`. "
+            "Nothing was changed."
+        )
+    file_lora = _lora_groups(text) if text.endswith(".weights.h5") else None
+    if file_lora is None:
+        return
+    if file_lora and not model_lora_paths:
+        raise ValueError(
+            f"load_weights: '{text}' holds the weights of a model with "
+            f"{len(file_lora)} LoRA layers (e.g. '{file_lora[0]}'), but model "
+            f"'{model.name}' has none. Apply the same LoRA first "
+            "(`apply_lora(model, ...)` with the same arguments) and then "
+            "load the weights, or use `save_adapter` / `load_adapter`, "
+            "which apply it for you. Nothing was changed."
+        )
+    if model_lora_paths and not file_lora:
+        raise ValueError(
+            f"load_weights: '{text}' holds the weights of a model without "
+            f"LoRA layers, but model '{model.name}' has "
+            f"{len(model_lora_paths)} (e.g. '{model_lora_paths[0]}'). Load "
+            "the base weights before `apply_lora`. Nothing was changed."
+        )
+
+
+def _lora_groups(path):
+    """The LoRA layers' group paths in a `.weights.h5` file (or None)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            names = []
+            handle.visit(names.append)
+    except OSError:
+        return None  # Keras reports unreadable files itself.
+    suffix = "/base_layer"
+    return [n[: -len(suffix)] for n in names if n.endswith(suffix)]
+
+
+def _adapter_bytes(source, probe=False):
+    if isinstance(source, io.IOBase):
+        if not (source.readable() and source.seekable()):
+            return None
+        position = source.tell()
+        try:
+            if not zipfile.is_zipfile(source):
+                return None
+            source.seek(position)
+            with zipfile.ZipFile(source) as handle:
+                if ADAPTER_MEMBER not in handle.namelist():
+                    return None
+                return b"" if probe else handle.read(ADAPTER_MEMBER)
+        finally:
+            source.seek(position)
+    path = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as handle:
+        if ADAPTER_MEMBER not in handle.namelist():
+            return None
+        return b"" if probe else handle.read(ADAPTER_MEMBER)
+
+
+def _compile_config(source):
+    with zipfile.ZipFile(source) as handle:
+        if COMPILE_MEMBER in handle.namelist():
+            return json.loads(handle.read(COMPILE_MEMBER))
+        # Files of earlier versions kept it in the base view's config.
+        return json.loads(handle.read("config.json")).get("compile_config")
+
+
+def _saving_lib():
+    from keras.src.saving import saving_lib
+
+    return saving_lib
+
+
+@contextlib.contextmanager
+def _base_view(model, entries):
+    with _unmerged(entries), _base_layers_swapped_in(entries):
+        with _uncompiled(model):
+            yield
 
 
 @contextlib.contextmanager
@@ -129,6 +344,31 @@ def _base_layers_swapped_in(entries):
     finally:
         for parent, lora_layer in reversed(swapped):
             layer_swap.replace_layer(parent, lora_layer.base_layer, lora_layer)
+
+
+@contextlib.contextmanager
+def _uncompiled(model):
+    """Hides the compile state (optimizer included) for the base view's save.
+
+    The trained optimizer's slots are shaped like the LoRA variables, and
+    which base variables a plain-Keras load would make trainable is decided
+    by layer flags that need not match the LoRA model's: no optimizer state
+    fits the base view exactly, so it carries none.
+    """
+    if not getattr(model, "compiled", False):
+        yield
+        return
+    optimizer = model.optimizer
+    model.compiled = False
+    # An unbuilt copy: the step counter and learning rate only, what an
+    # uncompiled load ignores and a keras-hub task (compiled by its own
+    # constructor) expects.
+    model.optimizer = type(optimizer).from_config(optimizer.get_config())
+    try:
+        yield
+    finally:
+        model.optimizer = optimizer
+        model.compiled = True
 
 
 @contextlib.contextmanager

@@ -1,0 +1,229 @@
+"""Keras's own save / load / quantize / preset calls, made safe for LoRA models.
+
+Keras re-creates a layer's sub-layers from the layer's own code when a
+`.keras` file loads, so a model whose LoRA layers sit inside another layer
+(a `MultiHeadAttention`, a list or dict of a subclassed model, any
+keras-hub task) would be written by `model.save` as a file nobody can load.
+Keras offers no public hook for `model.save` / `keras.saving.load_model`,
+so `install()` (run by `import keras_lora`) wraps the functions that every
+public entry point reaches by attribute lookup:
+
+- `keras.src.saving.saving_lib.save_model` (`Model.save`,
+  `keras.saving.save_model`, `ModelCheckpoint`): a model holding LoRA
+  layers is written as `keras_lora.save_model` writes it, the base model
+  plus its adapter (`model_io`); any other model is passed through.
+- `saving_lib.load_model` (`keras.saving.load_model`,
+  `keras.models.load_model`): a file holding an adapter comes back adapted;
+  any other file is passed through.
+- `saving_lib.load_weights_only` (`Model.load_weights`): LoRA weights onto
+  a model without those LoRA layers (and the reverse) are refused before
+  anything is assigned, saying what to do.
+- `keras.Model.quantize`: refused on a model holding LoRA layers (Keras
+  would quantize the base layers under the adapters one by one).
+- keras-hub's `Task.save_to_preset` / `Backbone.save_to_preset`: refused
+  on a model holding LoRA layers, pointing to `merge_lora` and
+  `save_adapter` (a preset loads through keras-hub's own code, which
+  re-creates plain layers).
+
+Wrapping is idempotent. Modules imported later (Keras itself, when
+`keras_lora` is imported first; keras-hub) are wrapped as soon as they
+are imported, so `import keras_lora` alone imports no backend.
+"""
+
+import functools
+import importlib.abc
+import importlib.util
+import sys
+
+_MARK = "_keras_lora_original"
+
+
+def install():
+    """Wraps Keras's (and keras-hub's) entry points; idempotent.
+
+    Returns:
+        None.
+    """
+    for module_name, patch in _PATCHES.items():
+        module = sys.modules.get(module_name)
+        if module is not None and getattr(module, "__spec__", None):
+            patch(module)
+    if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
+
+
+def original(function):
+    """The unwrapped Keras function behind one of this module's wrappers."""
+    return getattr(function, _MARK, function)
+
+
+def _wrap(owner, name, make_wrapper):
+    current = getattr(owner, name)
+    if hasattr(current, _MARK):
+        return
+    wrapper = functools.wraps(current)(make_wrapper(current))
+    setattr(wrapper, _MARK, current)
+    setattr(owner, name, wrapper)
+
+
+def _lora_paths(model):
+    from keras_lora.surgery import lora_entries
+
+    return [entry.path for entry in lora_entries(model)]
+
+
+# saving_lib ---------------------------------------------------------------
+
+
+def _patch_saving(saving_lib):
+    _wrap(saving_lib, "save_model", _save_model_wrapper)
+    _wrap(saving_lib, "load_model", _load_model_wrapper)
+    _wrap(saving_lib, "load_weights_only", _load_weights_wrapper)
+
+
+def _save_model_wrapper(keras_save_model):
+    def save_model(model, filepath, weights_format="h5", zipped=True):
+        if not _lora_paths(model):
+            return keras_save_model(
+                model, filepath, weights_format=weights_format, zipped=zipped
+            )
+        from keras_lora import model_io
+
+        return model_io.write_model(
+            model, filepath, weights_format=weights_format, zipped=zipped
+        )
+
+    return save_model
+
+
+def _load_model_wrapper(keras_load_model):
+    def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+        from keras_lora import model_io
+
+        if not model_io.holds_adapter(filepath):
+            return keras_load_model(filepath, custom_objects, compile, safe_mode)
+        return model_io.read_model(filepath, custom_objects, compile, safe_mode)
+
+    return load_model
+
+
+def _load_weights_wrapper(keras_load_weights):
+    def load_weights_only(model, filepath, skip_mismatch=False,
+                          objects_to_skip=None):
+        from keras_lora import model_io
+
+        model_io.check_weights_fit(model, filepath, _lora_paths(model))
+        return keras_load_weights(
+            model, filepath, skip_mismatch=skip_mismatch,
+            objects_to_skip=objects_to_skip,
+        )
+
+    return load_weights_only
+
+
+# Model.quantize -----------------------------------------------------------
+
+
+def _patch_model(model_module):
+    _wrap(model_module.Model, "quantize", _quantize_wrapper)
+
+
+def _quantize_wrapper(keras_quantize):
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        paths = _lora_paths(self)
+        if paths:
+            raise ValueError(
+                f"quantize: model '{self.name}' holds LoRA layers "
+                f"({_sample(paths)}). Keras would quantize their base layers "
+                "one by one under the adapters, which breaks the outputs. "
+                "Merge first and quantize the merged model: "
+                "`keras_lora.merge_lora(model).quantize(mode)`. Nothing was "
+                f"changed. Received: mode={mode!r}"
+            )
+        return keras_quantize(self, mode, config=config, filters=filters,
+                              **kwargs)
+
+    return quantize
+
+
+# keras-hub presets --------------------------------------------------------
+
+
+def _patch_hub_class(class_name):
+    def patch(module):
+        _wrap(getattr(module, class_name), "save_to_preset",
+              _save_to_preset_wrapper)
+
+    return patch
+
+
+def _save_to_preset_wrapper(hub_save_to_preset):
+    def save_to_preset(self, preset_dir, *args, **kwargs):
+        paths = _lora_paths(self)
+        if paths:
+            raise ValueError(
+                f"save_to_preset: '{self.name}' holds LoRA layers "
+                f"({_sample(paths)}), which keras-hub's `from_preset` would "
+                "re-create as plain layers. Save the merged model as a "
+                "preset, `keras_lora.merge_lora(model).save_to_preset(dir)`, "
+                "and/or the adapter alone, `keras_lora.save_adapter(model, "
+                "'adapter.safetensors')` (load it onto `from_preset(base)` "
+                "with `load_adapter`). Nothing was written. Received: "
+                f"preset_dir={preset_dir!r}"
+            )
+        return hub_save_to_preset(self, preset_dir, *args, **kwargs)
+
+    return save_to_preset
+
+
+def _sample(paths, limit=4):
+    shown = ", ".join(f"'{p}'" for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit
+                    else "")
+
+
+_PATCHES = {
+    "keras.src.saving.saving_lib": _patch_saving,
+    "keras.src.models.model": _patch_model,
+    "keras_hub.src.models.task": _patch_hub_class("Task"),
+    "keras_hub.src.models.backbone": _patch_hub_class("Backbone"),
+}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Wraps a module's functions right after the module is executed."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _PATCHES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _PatchingLoader(spec.loader, _PATCHES[fullname])
+        return spec
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader, patch):
+        self._loader = loader
+        self._patch = patch
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._patch(module)
+
+    def __getattr__(self, name):
+        # `get_code`, `get_source`, ... for tools that introspect loaders.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._loader, name)
