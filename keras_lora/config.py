@@ -3,6 +3,8 @@
 import math
 import numbers
 
+import numpy as np
+
 
 def _is_number(value, kind):
     # `True` is an `Integral` too, but `rank=True` is always a mistake.
@@ -91,6 +93,71 @@ def validate_dropout(dropout, where=""):
             f"Received: dropout={dropout!r}"
         )
     return float(dropout)
+
+
+def validate_bool(value, name, where=""):
+    """Returns `value` if it is a bool (NumPy bools included).
+
+    Strings such as `"false"`, numbers and lists are refused: Python would
+    read `"false"` and `[0]` as true.
+
+    Args:
+        value: the value to check.
+        name: the argument's name, for the error message.
+        where: a prefix for the error message naming the layer.
+
+    Returns:
+        A Python bool.
+
+    Raises:
+        TypeError: if `value` is not a bool.
+
+    Example:
+
+    >>> validate_bool(False, "use_rslora")
+    False
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"{where}`{name}` must be True or False. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    return bool(value)
+
+
+def validate_scaling(rank, alpha, use_rslora, where=""):
+    """Returns the scaling if it is finite and nonzero in float32.
+
+    A huge `alpha` (say `1e39`) is a finite Python float, but its scaling
+    overflows the float32 adapters' compute and every output turns NaN.
+
+    Args:
+        rank: the validated rank.
+        alpha: the validated alpha.
+        use_rslora: whether rsLoRA scaling is used.
+        where: a prefix for the error message naming the layer.
+
+    Returns:
+        The scaling, a Python float.
+
+    Raises:
+        ValueError: if the scaling is not a finite, nonzero float32.
+
+    Example:
+
+    >>> validate_scaling(8, 16.0, False)
+    2.0
+    """
+    scaling = scaling_for(rank, alpha, use_rslora)
+    with np.errstate(over="ignore", under="ignore"):
+        as_float32 = np.float32(scaling)
+    if not np.isfinite(as_float32) or as_float32 == 0:
+        raise ValueError(
+            f"{where}the LoRA scaling alpha/{'sqrt(rank)' if use_rslora else 'rank'}"
+            f" = {scaling!r} is not a finite nonzero float32. "
+            f"Received: alpha={alpha!r}, rank={rank!r}"
+        )
+    return scaling
 
 
 def scaling_for(rank, alpha, use_rslora):

@@ -7,10 +7,13 @@ attribute scans would find nothing there).
 """
 
 import collections
+import re
 
 import keras
 
-LayerEntry = collections.namedtuple("LayerEntry", ["path", "layer", "parents"])
+LayerEntry = collections.namedtuple(
+    "LayerEntry", ["path", "layer", "parents", "key"]
+)
 
 
 def sublayers(layer):
@@ -34,6 +37,14 @@ def walk(model, descend_into=None):
     several routes keeps the first path (depth first, in tracking order)
     and lists every layer that holds it as a parent.
 
+    Each entry also has a structural `key` that does not depend on
+    auto-generated names: each segment is the snake-cased class name with a
+    counter among its siblings of that class (`"dense"`, `"dense_1"`, ...),
+    as Keras's own `.weights.h5` files key a container's children, so a
+    model built twice in one process (`dense_2`, `gemma_backbone_1`, ...)
+    has the same keys. A LoRA layer is keyed by its base layer's class, so
+    a base model and its adapted form agree.
+
     Args:
         model: a Keras model or layer.
         descend_into: optional `layer -> bool`; layers for which it returns
@@ -44,10 +55,11 @@ def walk(model, descend_into=None):
     """
     entries = collections.OrderedDict()
 
-    def visit(layer, path):
+    def visit(layer, path, key):
         if descend_into is not None and not descend_into(layer):
             return
         taken = collections.Counter()
+        classes = collections.Counter()
         for child in sublayers(layer):
             if id(child) in entries:
                 entries[id(child)].parents.append(layer)
@@ -57,11 +69,30 @@ def walk(model, descend_into=None):
             if taken[child.name] > 1:
                 segment = f"{child.name}__{taken[child.name]}"
             child_path = f"{path}/{segment}" if path else segment
-            entries[id(child)] = LayerEntry(child_path, child, [layer])
-            visit(child, child_path)
+            kind = class_key(child)
+            key_segment = f"{kind}_{classes[kind]}" if classes[kind] else kind
+            classes[kind] += 1
+            child_key = f"{key}/{key_segment}" if key else key_segment
+            entries[id(child)] = LayerEntry(child_path, child, [layer], child_key)
+            visit(child, child_path, child_key)
 
-    visit(model, "")
+    visit(model, "", "")
     return entries
+
+
+def class_key(layer):
+    """The snake-cased class name keying `layer` among its siblings.
+
+    A LoRA layer (anything with a `base_layer_class` and a `base_layer`)
+    answers for its base layer's class.
+    """
+    base = getattr(layer, "base_layer", None)
+    cls = type(base) if (
+        base is not None and hasattr(type(layer), "base_layer_class")
+    ) else type(layer)
+    name = re.sub(r"\W+", "", cls.__name__)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 def own_variables(layer):

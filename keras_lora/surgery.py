@@ -1,20 +1,25 @@
 """`apply_lora`: turn a model's Dense/EinsumDense layers into LoRA layers."""
 
 import collections
+import collections.abc
 import dataclasses
 import inspect
 import math
+import warnings
 
 import keras
 
 from keras_lora import config as lora_config
 from keras_lora import hub
-from keras_lora import layer_swap
 from keras_lora import model_walk
 from keras_lora import targeting
+from keras_lora import trained_weights
+from keras_lora.layers import LORA_LAYER_FOR
 from keras_lora.layers import LoRALayer
 from keras_lora.layers import lora_class_for
 from keras_lora.layers import supported_types
+from keras_lora.layers.base import register_owner
+from keras_lora.transaction import Transaction
 
 
 @dataclasses.dataclass
@@ -25,6 +30,30 @@ class _Plan:
     lora_class: type
     rank: int
     alpha: float
+
+
+@dataclasses.dataclass
+class LoraPlan:
+    """What `apply_lora` will do, validated, before anything changed.
+
+    Attributes:
+        model: the model to adapt.
+        layers: one `_Plan` per layer to adapt, in walk order.
+        trainable_layers: the layers kept fully trainable.
+        options: the LoRA arguments shared by every layer.
+        narrow: `(path, d_in, d_out, rank)` of layers narrower than their
+            rank (accepted; `apply_lora` warns once).
+    """
+
+    model: keras.layers.Layer
+    layers: list
+    trainable_layers: list
+    options: dict
+    narrow: list
+
+    @property
+    def paths(self):
+        return [plan.path for plan in self.layers]
 
 
 def apply_lora(
@@ -54,9 +83,14 @@ def apply_lora(
     methods (a keras-hub `GPT2CausalLM` still generates), and no weight is
     copied, so a large base does not double in memory. As with PEFT, keep
     no separate "base" handle expecting it to stay untouched: its layers are
-    the adapted model's layers. If the model was compiled, it is compiled
-    again with the same settings (a fresh optimizer for the new trainable
-    variables).
+    the adapted model's layers (`clone_with_lora` returns an adapted copy
+    instead). If the model was compiled, it is compiled again with the same
+    settings (a fresh optimizer for the new trainable variables).
+
+    A rank above a layer's width (a `Dense(1)` head, a 3-class output) is
+    accepted, as by PEFT: the update is full-rank there. One `UserWarning`
+    per call lists such layers and suggests `trainable=[...]` or
+    `rank_pattern`.
 
     Args:
         model: a built Keras model (or layer).
@@ -70,10 +104,13 @@ def apply_lora(
             attention block) targets the supported layers inside it.
         exclude: patterns of layers never to adapt.
         dropout: float in [0, 1), dropout on the LoRA path's input.
-        use_rslora: scale by `alpha / sqrt(rank)` (rank-stabilized LoRA).
-        rank_pattern: `{pattern: rank}` overriding `rank` per layer.
-        alpha_pattern: `{pattern: alpha}` overriding `alpha` per layer.
-        train_bias: keep the biases of adapted layers trainable.
+        use_rslora: bool, scale by `alpha / sqrt(rank)` (rank-stabilized
+            LoRA).
+        rank_pattern: a mapping `{pattern: rank}` overriding `rank` per
+            layer.
+        alpha_pattern: a mapping `{pattern: alpha}` overriding `alpha` per
+            layer.
+        train_bias: bool, keep the biases of adapted layers trainable.
         trainable: patterns of layers whose weights all stay trainable (for
             example a new classification head); they are not adapted.
         lora_a_initializer: initializer of every `lora_a`.
@@ -84,9 +121,14 @@ def apply_lora(
 
     Raises:
         ValueError: for an unbuilt model, a model that already has LoRA
-            layers, targets that match nothing, bad rank/alpha/dropout.
-        TypeError: for a target that names a layer keras-lora cannot adapt.
-        In every case the model is left untouched.
+            layers, targets that match nothing, bad rank/alpha/dropout, a
+            scaling or an initial adapter that is not finite.
+        TypeError: for a model that is not a Keras layer, a non-bool flag,
+            a pattern map that is not a mapping, or a target that names a
+            layer (or layer class) keras-lora cannot adapt.
+        In every case the model is left untouched: the request is validated
+        first, and the changes run in a `Transaction` that undoes them if a
+        later step (an initializer, say) fails.
 
     Example:
 
@@ -95,41 +137,61 @@ def apply_lora(
     >>> [v.path for v in model.trainable_variables]
     ['sequential/dense/lora_a', 'sequential/dense/lora_b']
     """
-    plans, trainable_layers = _plan(
-        model, rank, alpha, targets, exclude, dropout,
-        rank_pattern, alpha_pattern, trainable,
+    plan = plan_lora(
+        model, rank=rank, alpha=alpha, targets=targets, exclude=exclude,
+        dropout=dropout, use_rslora=use_rslora, rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern, train_bias=train_bias,
+        trainable=trainable, lora_a_initializer=lora_a_initializer,
+        lora_b_initializer=lora_b_initializer,
     )
-    # Everything is validated; from here on the model changes.
-    adapted = []
-    for plan in plans:
-        lora_layer = plan.lora_class(
-            base_layer=plan.layer,
-            rank=plan.rank,
-            alpha=plan.alpha,
-            dropout=dropout,
-            use_rslora=use_rslora,
-            lora_a_initializer=lora_a_initializer,
-            lora_b_initializer=lora_b_initializer,
-            train_bias=train_bias,
-        )
-        for parent in plan.parents:
-            layer_swap.replace_layer(parent, plan.layer, lora_layer)
-        adapted.append(lora_layer)
-    _freeze(model, adapted, trainable_layers)
-    _recompile(model)
+    with Transaction(model) as change:
+        execute_plan(plan, change)
+    warn_narrow_layers(plan)
+    recompile(model)
     return model
 
 
-def _plan(model, rank, alpha, targets, exclude, dropout, rank_pattern,
-          alpha_pattern, trainable):
-    """Validates the request and lists what to adapt, changing nothing."""
+def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
+              dropout=0.0, use_rslora=False, rank_pattern=None,
+              alpha_pattern=None, train_bias=False, trainable=None,
+              lora_a_initializer="he_uniform", lora_b_initializer="zeros"):
+    """Validates an `apply_lora` request and lists what it would adapt.
+
+    Nothing is changed. Takes `apply_lora`'s arguments.
+
+    Returns:
+        A `LoraPlan`.
+    """
+    check_model(model)
     lora_config.validate_rank(rank)
     lora_config.validate_alpha(alpha, rank)
     lora_config.validate_dropout(dropout)
+    lora_config.validate_bool(use_rslora, "use_rslora", "apply_lora: ")
+    lora_config.validate_bool(train_bias, "train_bias", "apply_lora: ")
+    for name, pattern_map in (("rank_pattern", rank_pattern),
+                              ("alpha_pattern", alpha_pattern)):
+        if pattern_map is not None and not isinstance(
+            pattern_map, collections.abc.Mapping
+        ):
+            raise TypeError(
+                f"apply_lora: `{name}` must be a mapping {{pattern: value}} "
+                f"(first match wins). Received: {name}={pattern_map!r} of "
+                f"type {type(pattern_map).__name__}"
+            )
     for pattern, value in (rank_pattern or {}).items():
         lora_config.validate_rank(value, f"rank_pattern[{pattern!r}]: ")
     for pattern, value in (alpha_pattern or {}).items():
         lora_config.validate_alpha(value, rank, f"alpha_pattern[{pattern!r}]: ")
+    initializers = {}
+    for name, value in (("lora_a_initializer", lora_a_initializer),
+                        ("lora_b_initializer", lora_b_initializer)):
+        try:
+            initializers[name] = keras.initializers.get(value)
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"apply_lora: `{name}` is not a Keras initializer. "
+                f"Received: {name}={value!r} ({error})"
+            ) from None
     if not getattr(model, "built", False):
         raise ValueError(
             f"apply_lora needs a built model, but '{model.name}' is not "
@@ -146,13 +208,15 @@ def _plan(model, rank, alpha, targets, exclude, dropout, rank_pattern,
     trainable_patterns = targeting.as_pattern_list(trainable)
     trainable_layers = _select(entries, trainable_patterns, "trainable")
     target_patterns = targeting.as_pattern_list(targets)
+    for pattern in target_patterns:
+        _check_target_class(pattern)
     exclude_patterns = targeting.as_pattern_list(exclude)
     if target_patterns:
         chosen = _select(entries, target_patterns, "targets", expand=True)
     else:
         chosen = [e for e in entries.values() if lora_class_for(e.layer)]
     inside_trainable = _descendant_ids(entries, trainable_layers)
-    plans = []
+    plans, narrow = [], []
     for entry in chosen:
         if (
             targeting.matches_any(exclude_patterns, entry.path, entry.layer)
@@ -170,14 +234,14 @@ def _plan(model, rank, alpha, targets, exclude, dropout, rank_pattern,
             targeting.value_for(alpha_pattern, entry.path, entry.layer, alpha),
             layer_rank,
         )
+        lora_config.validate_scaling(
+            layer_rank, layer_alpha, use_rslora,
+            f"apply_lora: layer '{entry.path}': ",
+        )
         lora_class._check_base_layer(entry.layer)
-        try:
-            lora_class._check_rank_fits(entry.layer, layer_rank)
-        except ValueError as error:
-            raise ValueError(
-                f"{error} Lower its rank with rank_pattern={{{entry.path!r}: "
-                f"...}}, or leave it out with exclude=[{entry.path!r}]."
-            ) from None
+        width = lora_class.width_below_rank(entry.layer, layer_rank)
+        if width is not None:
+            narrow.append((entry.path, *width, layer_rank))
         plans.append(
             _Plan(entry.path, entry.layer, entry.parents, lora_class,
                   layer_rank, layer_alpha)
@@ -189,7 +253,103 @@ def _plan(model, rank, alpha, targets, exclude, dropout, rank_pattern,
             f"exclude={_describe(exclude_patterns)}). Supported layers in "
             f"the model: {_sample(_supported_paths(entries))}"
         )
-    return plans, [e.layer for e in trainable_layers]
+    options = dict(
+        dropout=dropout, use_rslora=bool(use_rslora),
+        train_bias=bool(train_bias), **initializers,
+    )
+    return LoraPlan(
+        model, plans, [e.layer for e in trainable_layers], options, narrow
+    )
+
+
+def execute_plan(plan, change):
+    """Carries out a `LoraPlan` through a `Transaction`.
+
+    Every LoRA layer is created (adapters initialized) before the first
+    swap, so an initializer failing on a late layer changes nothing; the
+    swaps and flags are recorded in `change`, which undoes them if a later
+    step raises.
+
+    Args:
+        plan: a `LoraPlan` from `plan_lora`.
+        change: the open `Transaction` on `plan.model`.
+
+    Returns:
+        The new LoRA layers, in plan order.
+    """
+    adapted = [
+        item.lora_class(
+            base_layer=item.layer, rank=item.rank, alpha=item.alpha,
+            **plan.options,
+        )
+        for item in plan.layers
+    ]
+    for item, lora_layer in zip(plan.layers, adapted):
+        for parent in item.parents:
+            change.swap(parent, item.layer, lora_layer)
+    freeze(plan.model, adapted, plan.trainable_layers)
+    trained_weights.remember(plan.model, _trained_variables(
+        adapted, plan.trainable_layers
+    ))
+    for lora_layer in adapted:
+        register_owner(lora_layer, plan.model)
+    return adapted
+
+
+def warn_narrow_layers(plan):
+    """One `UserWarning` listing the layers narrower than their rank."""
+    if not plan.narrow:
+        return
+    shown = ", ".join(
+        f"'{path}' (kernel {d_in}x{d_out}, rank {rank})"
+        for path, d_in, d_out, rank in plan.narrow[:8]
+    )
+    more = f", ... ({len(plan.narrow)} in all)" if len(plan.narrow) > 8 else ""
+    first = plan.narrow[0][0]
+    warnings.warn(
+        f"apply_lora: {len(plan.narrow)} layer(s) are narrower than their "
+        f"rank, so their update is full-rank there: {shown}{more}. A narrow "
+        f"head usually trains better fully: pass trainable=[{first!r}] (it "
+        f"is then not adapted), or lower its rank with "
+        f"rank_pattern={{{first!r}: 1}}.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def check_model(model):
+    """Raises a `TypeError` unless `model` is a Keras layer or model."""
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            "keras-lora: `model` must be a built Keras model or layer. "
+            f"Received: model={model!r} of type {type(model).__name__}"
+        )
+
+
+def _check_target_class(pattern):
+    """A layer class as target must be one keras-lora can adapt (or a base)."""
+    if not isinstance(pattern, type):
+        return
+    supported = [base for base, _ in LORA_LAYER_FOR]
+    if any(issubclass(pattern, base) or issubclass(base, pattern)
+           for base in supported):
+        return
+    raise TypeError(
+        f"apply_lora: keras-lora cannot adapt {pattern.__name__} layers. "
+        f"Received: targets={pattern.__name__}. Supported types: "
+        f"{', '.join(supported_types())}."
+    )
+
+
+def _trained_variables(adapted, trainable_layers):
+    """The non-adapter variables left trainable: remembered so that a later
+    `load_adapter` of a file that does not carry them can restore them."""
+    variables = [v for layer in trainable_layers for v in layer.weights]
+    variables += [
+        layer.base_layer.bias for layer in adapted
+        if layer.train_bias and getattr(layer.base_layer, "bias", None) is not None
+    ]
+    return variables
 
 
 def _select(entries, patterns, argument, expand=False):
@@ -251,7 +411,7 @@ def _descendant_ids(entries, chosen):
     return ids
 
 
-def _freeze(model, adapted, trainable_layers):
+def freeze(model, adapted, trainable_layers):
     """Only adapters (and biases / layers asked for) stay trainable."""
     adapted_ids = {id(layer) for layer in adapted}
     for entry in model_walk.walk(
@@ -276,21 +436,37 @@ def _freeze(model, adapted, trainable_layers):
         layer.trainable = True
 
 
-def _recompile(model):
+def recompile(model):
+    """Compiles `model` again with its own settings (keras-hub sampler kept)
+    and resets its traced functions; a no-op for an uncompiled model."""
     if not isinstance(model, keras.Model):
         return
     hub.reset_compiled_functions(model)
-    if getattr(model, "compiled", False):
-        compile_config = model.get_compile_config()
-        if compile_config:
-            arguments = keras.saving.deserialize_keras_object(compile_config)
-            # keras-hub's CausalLM takes its `sampler` in `compile` but
-            # leaves it out of the compile config; keep the user's choice.
-            if getattr(model, "sampler", None) is not None and (
-                "sampler" in inspect.signature(model.compile).parameters
-            ):
-                arguments["sampler"] = model.sampler
-            model.compile(**arguments)
+    compile_like(model, model)
+
+
+def compile_like(model, source):
+    """Compiles `model` with `source`'s compile settings, if it has any.
+
+    A fresh optimizer is made from the saved optimizer config. keras-hub's
+    `CausalLM` takes its `sampler` in `compile` but leaves it out of the
+    compile config, so `source.sampler` is passed along.
+
+    Args:
+        model: the Keras model to compile.
+        source: the model whose settings to use (may be `model`).
+    """
+    if not isinstance(model, keras.Model) or not getattr(source, "compiled", False):
+        return
+    compile_config = source.get_compile_config()
+    if not compile_config:
+        return
+    arguments = keras.saving.deserialize_keras_object(compile_config)
+    if getattr(source, "sampler", None) is not None and (
+        "sampler" in inspect.signature(model.compile).parameters
+    ):
+        arguments["sampler"] = source.sampler
+    model.compile(**arguments)
 
 
 def lora_layers(model):

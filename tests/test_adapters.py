@@ -89,6 +89,18 @@ def rewrite(source, target, change):
     tensors = safetensors.numpy.load_file(source)
     document = read_adapter(source).metadata
     tensors, document = change(tensors, document)
+    if document.get("format_version", 4) < 4:
+        # An older format: no digests or structural keys yet.
+        document = {k: v for k, v in document.items()
+                    if k not in ("digests", "layer_keys")}
+    elif "digests" in document:
+        # Keep the header's digests true to the changed tensors, so a test
+        # reaches the check it is about rather than the digest check.
+        from keras_lora import adapter_file
+
+        document = dict(document, digests={
+            key: adapter_file._digest(value) for key, value in tensors.items()
+        })
     safetensors.numpy.save_file(
         tensors, target, metadata={"keras_lora": json.dumps(document)}
     )
@@ -111,7 +123,7 @@ def test_file_holds_exactly_lora_a_and_lora_b_per_layer_as_float32(adapter_path)
 def test_metadata_records_each_layer(adapter_path):
     metadata = read_adapter(adapter_path).metadata
     assert metadata["format"] == "keras_lora.adapter"
-    assert metadata["format_version"] == 3
+    assert metadata["format_version"] == 4
     assert metadata["trainable_layers"] == []
     assert metadata["extra_tensors"] == {}
     assert metadata["keras_lora_version"]
@@ -515,11 +527,24 @@ def test_inconsistent_file_is_rejected(
 # Models that do not match: nothing changes --------------------------------
 
 
-def test_base_model_without_a_recorded_layer(adapter_path):
+def test_a_renamed_layer_of_the_same_architecture_is_found_by_its_key(adapter_path):
+    model = load_adapter(base_model(head_name="classifier"), adapter_path)
+    assert sorted(lora_layers(model)) == sorted(
+        ["inner/inner_dense", "einsum", "classifier"]
+    )
+    np.testing.assert_allclose(
+        to_numpy(model(X)), to_numpy(load_adapter(base_model(), adapter_path)(X)),
+        atol=1e-6,
+    )
+
+
+def test_an_old_file_is_matched_by_name(adapter_path, tmp_path):
+    path = rewrite(adapter_path, str(tmp_path / "v3.safetensors"),
+                   lambda t, d: (t, dict(d, format_version=3)))
     model = base_model(head_name="classifier")
     before = state(model)
     with pytest.raises(ValueError, match="layer 'head' is not in model"):
-        load_adapter(model, adapter_path)
+        load_adapter(model, path)
     assert_unchanged(model, before)
 
 
@@ -536,35 +561,56 @@ def test_base_kernel_shape_mismatch_names_layer_and_both_shapes(adapter_path):
 def test_base_layer_of_another_type(adapter_path):
     model = base_model(einsum_as_dense=True)
     before = state(model)
-    with pytest.raises(ValueError, match="'einsum' is a Dense.*EinsumDense"):
+    with pytest.raises(ValueError, match=r"'einsum' \(structural key 'einsum_dense'\) is not in"):
         load_adapter(model, adapter_path)
     assert_unchanged(model, before)
-
-
-def test_adapted_model_with_another_rank(adapter_path):
-    model = adapt(base_model(), rank_pattern={"head": 2})
-    before = state(model)
-    with pytest.raises(ValueError, match="'head' has rank 2 in the model but 1"):
-        load_adapter(model, adapter_path)
+    old_file = rewrite(adapter_path, adapter_path + ".v3",
+                       lambda t, d: (t, dict(d, format_version=3)))
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'einsum' is a Dense \(adapted by LoRADense\), but the file "
+              r"records a LoRAEinsumDense for it \(base class EinsumDense\)",
+    ):
+        load_adapter(model, old_file)
     assert_unchanged(model, before)
 
 
-def test_adapted_model_with_another_alpha(adapter_path):
-    model = adapt(base_model(), alpha_pattern={"einsum": 2.0})
-    before = state(model)
-    with pytest.raises(ValueError, match="'einsum' has alpha=2.0.*alpha=8.0"):
-        load_adapter(model, adapter_path)
-    assert_unchanged(model, before)
+def assert_same_outputs(model, reference):
+    np.testing.assert_allclose(
+        to_numpy(model(X)), to_numpy(reference(X)), rtol=0, atol=1e-6
+    )
 
 
-def test_adapted_model_with_layers_the_file_does_not_cover(tmp_path):
-    path = str(tmp_path / "head_only.safetensors")
-    save_adapter(adapt(base_model(), targets=["head"]), path)
-    model = adapt(base_model())
-    before = state(model)
-    with pytest.raises(ValueError, match="does not cover.*'inner/inner_dense'"):
-        load_adapter(model, path)
-    assert_unchanged(model, before)
+@pytest.mark.parametrize(
+    "other",
+    [dict(rank_pattern={"head": 2}), dict(alpha_pattern={"einsum": 2.0}),
+     dict(targets=["head"]), dict(dropout=0.25), dict(train_bias=True)],
+    ids=["rank", "alpha", "targets", "dropout", "train_bias"],
+)
+def test_another_adapter_is_replaced_by_the_files(adapter_path, other):
+    model = adapt(base_model(), seed=3, **other)
+    load_adapter(model, adapter_path)
+    reference = load_adapter(base_model(), adapter_path)
+    assert_same_outputs(model, reference)
+    assert trainable_paths(model) == trainable_paths(reference)
+    layers_ = lora_layers(model)
+    assert layers_["head"].rank == 1 and layers_["einsum"].alpha == 8.0
+
+
+def test_loading_the_same_layout_assigns_in_place_without_retracing(adapter_path):
+    model = adapt(base_model(), seed=3)
+    layer_objects = list(lora_layers(model).values())
+    variables = [id(v) for v in model.weights]
+    model.predict(X, verbose=0)
+    traced = model.predict_function
+    load_adapter(model, adapter_path)
+    assert list(lora_layers(model).values()) == layer_objects
+    assert [id(v) for v in model.weights] == variables
+    assert model.predict_function is traced
+    np.testing.assert_allclose(
+        model.predict(X, verbose=0),
+        to_numpy(load_adapter(base_model(), adapter_path)(X)), atol=1e-6,
+    )
 
 
 def test_merged_model_must_be_unmerged_first(adapter_path):
@@ -586,3 +632,190 @@ def test_mixed_dropout_cannot_be_applied_to_a_base_model(adapter_path, tmp_path)
     with pytest.raises(ValueError, match="several values of `dropout`"):
         load_adapter(model, path)
     assert_unchanged(model, before)
+
+
+# Structural keys: any instance of the architecture, whatever its names -----
+
+
+def unnamed_sequential(units=6):
+    return keras.Sequential(
+        [keras.Input((4,)), layers.Dense(units), layers.Dense(3)]
+    )
+
+
+def unnamed_functional(units=6, depth=2):
+    inputs = keras.Input((4,))
+    x = inputs
+    for _ in range(depth - 1):
+        x = layers.Dense(units, activation="tanh")(x)
+    return keras.Model(inputs, layers.Dense(3)(x))
+
+
+def trained_copy(factory):
+    """A model adapted with random adapters, and its base weights."""
+    model = factory()
+    base = [to_numpy(v).copy() for v in model.weights]
+    adapt(model, rank_pattern={}, alpha_pattern={})
+    return model, base
+
+
+@pytest.mark.parametrize(
+    "factory", [unnamed_sequential, unnamed_functional],
+    ids=["sequential", "functional"],
+)
+def test_adapter_loads_into_a_model_built_again_with_other_names(tmp_path, factory):
+    model, base_values = trained_copy(factory)
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(model, path)
+    rebuilt = factory()
+    assert [layer.name for layer in rebuilt.layers] != [
+        layer.name for layer in model.layers
+    ]
+    rebuilt.set_weights(base_values)
+    load_adapter(rebuilt, path)
+    assert_same_outputs(rebuilt, model)
+    # ...and again, in place, onto the now adapted rebuilt model.
+    load_adapter(rebuilt, path)
+    assert_same_outputs(rebuilt, model)
+
+
+def test_the_file_keeps_readable_names_beside_the_keys(tmp_path):
+    unnamed_sequential()  # push the auto-generated names up
+    model, _ = trained_copy(unnamed_sequential)
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(model, path)
+    adapter = read_adapter(path)
+    names = [layer.name for layer in model.layers]
+    assert list(adapter.layers) == names
+    assert adapter.layer_keys == {names[0]: "dense", names[1]: "dense_1"}
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        (lambda: unnamed_functional(units=7), r"base kernel has shape \(4, 7\) in the model but \(4, 6\)"),
+        (lambda: unnamed_functional(depth=1), r"structural key 'dense_1'\) is not in model"),
+    ],
+    ids=["other_width", "fewer_layers"],
+)
+def test_another_architecture_is_refused_and_left_untouched(tmp_path, factory, message):
+    model, _ = trained_copy(unnamed_functional)
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(model, path)
+    other = factory()
+    before = state(other)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(other, path)
+    assert_unchanged(other, before)
+
+
+# Nothing half-done: a file that does not fit is found out before any change
+
+
+def test_file_that_trains_an_adapted_layer_fully_is_refused_on_a_base(adapter_path, tmp_path):
+    path = rewrite(
+        adapter_path, str(tmp_path / "bad.safetensors"),
+        lambda t, d: (t, dict(d, trainable_layers=["head"])),
+    )
+    model = base_model()
+    before = state(model)
+    flags = [layer.trainable for layer in model.layers]
+    with pytest.raises(ValueError, match="adapted or fully trainable, not both.*trainable_layers='head'"):
+        load_adapter(model, path)
+    assert_unchanged(model, before)
+    assert [layer.trainable for layer in model.layers] == flags
+    assert [v.trainable for v in model.weights] == [True] * len(model.weights)
+
+
+def test_file_whose_extras_hold_an_adapted_kernel_is_refused_on_a_base(adapter_path, tmp_path):
+    def add_kernel(tensors, document):
+        tensors = dict(tensors, **{"head/kernel": np.ones((5, 3), "float32")})
+        extra = dict(document["extra_tensors"], **{"head/kernel": [5, 3]})
+        return tensors, dict(document, extra_tensors=extra)
+
+    path = rewrite(adapter_path, str(tmp_path / "bad.safetensors"), add_kernel)
+    model = base_model()
+    before = state(model)
+    with pytest.raises(ValueError, match="'head/kernel'.*adapted layer 'head' other than its bias"):
+        load_adapter(model, path)
+    assert_unchanged(model, before)
+    assert not lora_layers(model)
+    assert [v.trainable for v in model.weights] == [True] * len(model.weights)
+
+
+@pytest.mark.parametrize("kind", ["base", "adapted"])
+def test_a_failure_after_lora_is_applied_rolls_everything_back(adapter_path, monkeypatch, kind):
+    # Whatever fails late (here: the last check, after the file's LoRA
+    # layers exist), the Transaction puts the model back as it was.
+    from keras_lora import adapter_matching
+
+    model = base_model() if kind == "base" else adapt(base_model(), seed=5, targets=["head"])
+    model.predict(X, verbose=0)
+    before = state(model)
+    flags = [v.trainable for v in model.weights]
+    layer_objects = list(lora_layers(model).values())
+
+    def failing(*args, **kwargs):
+        raise ValueError("late failure")
+
+    monkeypatch.setattr(adapter_matching, "check_extras", failing)
+    with pytest.raises(ValueError, match="late failure"):
+        load_adapter(model, adapter_path)
+    assert_unchanged(model, before)
+    assert [v.trainable for v in model.weights] == flags
+    assert list(lora_layers(model).values()) == layer_objects
+
+
+@pytest.mark.parametrize("model", [None, "base.keras"], ids=["none", "str"])
+def test_load_and_save_refuse_a_non_model(adapter_path, model):
+    with pytest.raises(TypeError, match="Received: model="):
+        load_adapter(model, adapter_path)
+    with pytest.raises(TypeError, match="Received: model="):
+        save_adapter(model, adapter_path)
+
+
+# Swapping tasks: the model becomes the file's model ------------------------
+
+
+def head_task(tmp_path, name, seed, with_head):
+    """An adapter trained on the same base, with or without a trained head."""
+    kwargs = dict(targets=["inner/inner_dense", "einsum"], rank_pattern={},
+                  alpha_pattern={})
+    if with_head:
+        kwargs["trainable"] = ["head"]
+    model = adapt(base_model(), seed=seed, **kwargs)
+    if with_head:
+        model.get_layer("head").kernel.assign(np.full((5, 3), 0.3, "float32"))
+    path = str(tmp_path / f"{name}.safetensors")
+    save_adapter(model, path)
+    return path
+
+
+def test_swapping_to_a_task_without_the_head_restores_the_base_head(tmp_path):
+    a = head_task(tmp_path, "a", seed=1, with_head=True)
+    b = head_task(tmp_path, "b", seed=2, with_head=False)
+    model = load_adapter(base_model(), a)
+    assert "head/kernel" in trainable_paths(model)
+    load_adapter(model, b)
+    reference_b = load_adapter(base_model(), b)
+    assert_same_outputs(model, reference_b)
+    np.testing.assert_array_equal(
+        to_numpy(model.get_layer("head").kernel),
+        to_numpy(base_model().get_layer("head").kernel),
+    )
+    assert trainable_paths(model) == trainable_paths(reference_b)
+    assert not model.get_layer("head").trainable
+    # ...and back: A's head weights and its trainable flag return.
+    load_adapter(model, a)
+    reference_a = load_adapter(base_model(), a)
+    assert_same_outputs(model, reference_a)
+    assert trainable_paths(model) == trainable_paths(reference_a)
+
+
+def test_a_head_trained_in_process_is_restored_when_another_task_loads(tmp_path):
+    b = head_task(tmp_path, "b", seed=2, with_head=False)
+    model = adapt(base_model(), seed=1, targets=["inner/inner_dense", "einsum"],
+                  trainable=["head"], rank_pattern={}, alpha_pattern={})
+    model.get_layer("head").kernel.assign(np.full((5, 3), 0.3, "float32"))
+    load_adapter(model, b)
+    assert_same_outputs(model, load_adapter(base_model(), b))

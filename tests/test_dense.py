@@ -487,20 +487,22 @@ def test_from_layer_refuses_other_layer_types(make_layer, type_name):
     assert_unchanged(layer, before)
 
 
-def test_rank_above_the_smaller_kernel_side_names_both_sizes():
+def test_rank_above_the_smaller_kernel_side_is_accepted_as_full_rank():
+    # As in PEFT and Keras's enable_lora: the requested rank is kept.
     dense = built_dense()  # kernel (5, 3)
-    before = snapshot(dense)
-    with pytest.raises(
-        ValueError, match=r"rank=4.*contracted size \(5\).*free size \(3\)"
-    ):
-        LoRADense.from_layer(dense, rank=4)
-    assert_unchanged(dense, before)
+    layer = LoRADense.from_layer(dense, rank=4)
+    assert tuple(layer.lora_a.shape) == (4, 5)
+    assert tuple(layer.lora_b.shape) == (4, 3)
+    assert LoRADense.width_below_rank(dense, 4) == (5, 3)
+    assert LoRADense.width_below_rank(dense, 3) is None
+    x = sample()
+    np.testing.assert_allclose(to_np(layer(x)), to_np(dense(x)), atol=1e-6)
 
 
-def test_rank_above_the_kernel_is_caught_at_build_for_drop_in_use():
+def test_drop_in_layer_narrower_than_its_rank_builds():
     layer = LoRADense(UNITS, rank=4)
-    with pytest.raises(ValueError, match=r"rank=4.*\(5\).*\(3\)"):
-        layer(sample())
+    layer(sample())
+    assert tuple(layer.lora_b.shape) == (4, UNITS)
 
 
 def test_base_with_keras_builtin_lora_is_refused():

@@ -447,16 +447,14 @@ def test_bad_numbers_are_refused_and_the_base_left_alone(kwargs, message):
     assert_unchanged(base, before)
 
 
-def test_rank_above_the_smaller_split_side_names_both_sizes():
+def test_rank_above_the_smaller_split_side_is_accepted_as_full_rank():
     # kernel (4, 2, 3): contracted size 4, free size 2 * 3 = 6.
     base = keras.layers.EinsumDense("abc,cde->abde", (None, 2, 3))
     base.build((2, 3, 4))
-    before = snapshot(base)
-    with pytest.raises(
-        ValueError, match=r"rank=5.*contracted size \(4\).*free size \(6\)"
-    ):
-        LoRAEinsumDense.from_layer(base, rank=5)
-    assert_unchanged(base, before)
+    assert LoRAEinsumDense.width_below_rank(base, 5) == (4, 6)
+    layer = LoRAEinsumDense.from_layer(base, rank=5)
+    assert tuple(layer.lora_a.shape) == (5, 4)
+    assert tuple(layer.lora_b.shape) == (5, 2, 3)
 
 
 def test_base_with_keras_builtin_lora_is_refused():

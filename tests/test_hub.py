@@ -348,3 +348,20 @@ def test_causal_lm_example_quick_run_generates_the_same_after_merging():
     result = load_example("causal_lm_generate").main(quick=True)
     assert result["merged_generates_the_same"]
     assert 0.0 <= result["lora_counts_by_three"] <= 1.0
+
+
+def test_causal_lm_built_twice_loads_the_adapter_of_the_first(tmp_path):
+    # The second build's backbone is "gemma_backbone_1", its layers too get
+    # new names: the adapter matches by structural key, not by name.
+    first = gemma_causal_lm()
+    base_values = [keras.ops.convert_to_numpy(v).copy() for v in first.weights]
+    keras_lora.apply_lora(first, rank=2)
+    randomize_lora_b(first)
+    path = str(tmp_path / "a.safetensors")
+    keras_lora.save_adapter(first, path)
+    second = gemma_causal_lm()
+    assert second.backbone.name != first.backbone.name
+    second.set_weights(base_values)
+    keras_lora.load_adapter(second, path)
+    assert isinstance(second, keras_hub.models.GemmaCausalLM)
+    np.testing.assert_array_equal(greedy_generate(second), greedy_generate(first))

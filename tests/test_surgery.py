@@ -388,12 +388,11 @@ def snapshot(model):
         (dict(alpha=-1), r"alpha=-1"),
         (dict(dropout=1.0), r"dropout=1.0"),
         (dict(rank_pattern={"up": 0}), r"rank_pattern\['up'\].*rank=0"),
-        (dict(rank=7), r"'up'.*rank=7.*contracted size \(6\)"),
         (dict(trainable=["missing"]), r"trainable pattern 'missing'"),
         (dict(targets=[3.5]), r"must be a string"),
     ],
     ids=["no_match", "unsupported", "rank0", "rank_float", "alpha", "dropout",
-         "rank_pattern", "rank_too_big", "trainable_missing", "bad_pattern"],
+         "rank_pattern", "trainable_missing", "bad_pattern"],
 )
 def test_bad_requests_raise_and_leave_model_untouched(kwargs, message):
     model, x = custom_block()
@@ -439,7 +438,115 @@ def test_weights_checkpoint_round_trips_lora_inside_custom_layers(tmp_path):
     )
 
 
-def test_rank_too_big_error_suggests_rank_pattern_or_exclude():
+def narrow_heads():
+    inputs = keras.Input((16,))
+    x = layers.Dense(32, activation="relu", name="body")(inputs)
+    outputs = [
+        layers.Dense(1, activation="sigmoid", name="binary")(x),
+        layers.Dense(3, name="three_class")(x),
+    ]
+    return keras.Model(inputs, outputs), np.random.rand(16, 16)
+
+
+def test_rank_above_a_layers_width_is_accepted_with_one_warning():
+    model, x = narrow_heads()
+    before = to_numpy(model(x))
+    with pytest.warns(UserWarning) as record:
+        keras_lora.apply_lora(model, rank=8)
+    messages = [str(w.message) for w in record if "narrower" in str(w.message)]
+    assert len(messages) == 1
+    assert "'binary' (kernel 32x1, rank 8)" in messages[0]
+    assert "'three_class' (kernel 32x3, rank 8)" in messages[0]
+    assert "trainable=['binary']" in messages[0] and "rank_pattern" in messages[0]
+    # PEFT parity: the requested rank is kept, the update is full-rank there.
+    head = keras_lora.lora_layers(model)["binary"]
+    assert head.rank == 8 and tuple(head.lora_a.shape) == (8, 32)
+    assert tuple(head.lora_b.shape) == (8, 1)
+    for got, expected in zip(to_numpy(model(x)), before):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_wide_layers_do_not_warn():
+    import warnings
+
     model, _ = sequential()
-    with pytest.raises(ValueError, match=r"rank_pattern=\{'dense_\d+': \.\.\.\}.*exclude"):
-        keras_lora.apply_lora(model, rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keras_lora.apply_lora(model, rank=2)
+
+
+def test_narrow_layer_trains_at_full_rank():
+    model, x = narrow_heads()
+    with pytest.warns(UserWarning):
+        keras_lora.apply_lora(model, rank=8)
+    model.compile("adam", ["binary_crossentropy", "mse"])
+    y = [np.random.randint(0, 2, (16, 1)), np.random.rand(16, 3)]
+    history = model.fit(x, y, epochs=3, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+# Strict arguments: TypeError / ValueError naming the argument, model untouched
+
+
+class _ConstantNaN(keras.initializers.Initializer):
+    def __call__(self, shape, dtype=None):
+        return keras.ops.full(shape, float("nan"), dtype=dtype or "float32")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(use_rslora="false"), TypeError, r"use_rslora.*Received: use_rslora='false'"),
+        (dict(use_rslora=2), TypeError, r"use_rslora=2"),
+        (dict(train_bias="no"), TypeError, r"train_bias='no'"),
+        (dict(train_bias=[0]), TypeError, r"train_bias=\[0\]"),
+        (dict(rank_pattern=["up", 1]), TypeError, r"rank_pattern.*mapping.*list"),
+        (dict(alpha_pattern=[("up", 1)]), TypeError, r"alpha_pattern.*mapping"),
+        (dict(targets=layers.Conv2D), TypeError,
+         r"cannot adapt Conv2D.*Supported types: EinsumDense, Dense"),
+        (dict(alpha=1e39), ValueError, r"scaling.*not a finite.*alpha=1e\+39"),
+        (dict(rank_pattern={"up": 1}, alpha_pattern={"up": 1e39}), ValueError,
+         r"'block/up'.*scaling"),
+        (dict(lora_b_initializer=_ConstantNaN()), ValueError,
+         r"initial lora_b holds NaN"),
+        (dict(lora_a_initializer="no_such_initializer"), ValueError,
+         r"lora_a_initializer.*no_such_initializer"),
+    ],
+    ids=["rslora_str", "rslora_int", "bias_str", "bias_list", "rank_pattern_list",
+         "alpha_pattern_list", "conv_class", "alpha_overflow",
+         "alpha_pattern_overflow", "nan_initializer", "unknown_initializer"],
+)
+def test_strict_arguments_raise_and_leave_model_untouched(kwargs, error, message):
+    model, x = custom_block()
+    before_out = to_numpy(model(x))
+    before = snapshot(model)
+    with pytest.raises(error, match=message):
+        keras_lora.apply_lora(model, **{"rank": RANK, **kwargs})
+    assert snapshot(model) == before
+    np.testing.assert_array_equal(to_numpy(model(x))[0], before_out[0])
+
+
+@pytest.mark.parametrize("model", [None, "model.keras", 3], ids=["none", "str", "int"])
+def test_a_model_that_is_not_a_keras_layer_is_a_type_error(model):
+    with pytest.raises(TypeError, match=r"`model` must be a built Keras model.*Received: model="):
+        keras_lora.apply_lora(model, rank=RANK)
+
+
+def test_a_failing_initializer_on_a_later_layer_changes_nothing():
+    # "identity" fits the 2-D Dense A but not MultiHeadAttention's 3-D ones:
+    # the Dense layers come first in the walk, so a layer-by-layer apply
+    # would have swapped and frozen them before failing.
+    inputs = keras.Input((5, 6))
+    x = layers.Dense(6, name="first")(inputs)
+    x = layers.MultiHeadAttention(2, 4, name="mha")(x, x)
+    model = keras.Model(inputs, layers.Dense(3, name="head")(layers.Flatten()(x)))
+    x_data = np.random.rand(4, 5, 6)
+    before_out = to_numpy(model(x_data))
+    before = snapshot(model)
+    layer_flags = [layer.trainable for layer in model.layers]
+    with pytest.raises(ValueError, match="Identity"):
+        keras_lora.apply_lora(model, rank=RANK, lora_a_initializer="identity")
+    assert snapshot(model) == before
+    assert [layer.trainable for layer in model.layers] == layer_flags
+    assert not keras_lora.lora_layers(model)
+    np.testing.assert_array_equal(to_numpy(model(x_data))[0], before_out[0])

@@ -1,6 +1,7 @@
 """What every LoRA layer shares: adapters, scaling, dropout, merge, config."""
 
 import math
+import weakref
 
 import keras
 import numpy as np
@@ -66,8 +67,13 @@ class LoRALayer(keras.layers.Layer):
         rank = lora_config.validate_rank(rank, where)
         alpha = lora_config.validate_alpha(alpha, rank, where)
         dropout = lora_config.validate_dropout(dropout, where)
-        if base_layer.built:
-            self._check_rank_fits(base_layer, rank)
+        for flag, value in (("use_rslora", use_rslora), ("train_bias", train_bias),
+                            ("adapter_enabled", adapter_enabled),
+                            ("merged", merged)):
+            lora_config.validate_bool(value, flag, where)
+        lora_config.validate_scaling(rank, alpha, use_rslora, where)
+        lora_a_initializer = initializers.get(lora_a_initializer)
+        lora_b_initializer = initializers.get(lora_b_initializer)
         kwargs.setdefault("name", base_layer.name)
         kwargs.setdefault("dtype", base_layer.dtype_policy)
         super().__init__(**kwargs)
@@ -76,8 +82,8 @@ class LoRALayer(keras.layers.Layer):
         self.alpha = alpha
         self.dropout = dropout
         self.use_rslora = bool(use_rslora)
-        self.lora_a_initializer = initializers.get(lora_a_initializer)
-        self.lora_b_initializer = initializers.get(lora_b_initializer)
+        self.lora_a_initializer = lora_a_initializer
+        self.lora_b_initializer = lora_b_initializer
         self.train_bias = bool(train_bias)
         self.adapter_enabled = bool(adapter_enabled)
         self.merged = bool(merged)
@@ -89,6 +95,7 @@ class LoRALayer(keras.layers.Layer):
         self._freeze_base()
         if base_layer.built:
             self._create_adapters()
+            self._check_initial_values()
             self.built = True
 
     @classmethod
@@ -167,15 +174,23 @@ class LoRALayer(keras.layers.Layer):
             )
 
     @classmethod
-    def _check_rank_fits(cls, base_layer, rank):
+    def width_below_rank(cls, base_layer, rank):
+        """`(d_in, d_out)` if `rank` exceeds the kernel's smaller side.
+
+        Such a rank is accepted (as by PEFT and Keras's `enable_lora`): the
+        update is simply full-rank there. `apply_lora` warns about it.
+
+        Args:
+            base_layer: a built instance of `base_layer_class`.
+            rank: the requested rank.
+
+        Returns:
+            `(contracted size, free size)` when `rank > min(...)`, else
+            `None`.
+        """
         contracted, free = cls._kernel_split(base_layer)
         d_in, d_out = math.prod(contracted), math.prod(free)
-        if rank > min(d_in, d_out):
-            raise ValueError(
-                f"{cls.__name__} for layer '{base_layer.name}': rank={rank} "
-                f"exceeds the smaller of the kernel's contracted size "
-                f"({d_in}) and free size ({d_out})."
-            )
+        return (d_in, d_out) if rank > min(d_in, d_out) else None
 
     # State ----------------------------------------------------------------
 
@@ -240,6 +255,20 @@ class LoRALayer(keras.layers.Layer):
                 trainable=True,
             )
 
+    def _check_initial_values(self):
+        """Refuses an initializer that drew NaN or infinite adapters (run
+        eagerly, where the layer adopts a built base: a drop-in layer may be
+        built inside a symbolic trace, where values cannot be read)."""
+        for variable, initializer in ((self.lora_a, self.lora_a_initializer),
+                                      (self.lora_b, self.lora_b_initializer)):
+            if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(variable)))):
+                raise ValueError(
+                    f"{type(self).__name__} for layer '{self.name}': the "
+                    f"initial {variable.name} holds NaN or infinite values. "
+                    f"Received: {variable.name}_initializer="
+                    f"{initializers.serialize(initializer)!r}"
+                )
+
     def build(self, input_shape):
         if not self.base_layer.built:
             # Build the base beside the wrapper, not inside its name scope,
@@ -249,7 +278,6 @@ class LoRALayer(keras.layers.Layer):
             if self.base_layer._parent_path is None:
                 self.base_layer._parent_path = self._parent_path
             self.base_layer.build(input_shape)
-        self._check_rank_fits(self.base_layer, self.rank)
         self._freeze_base()
         self._create_adapters()
 
@@ -318,12 +346,21 @@ class LoRALayer(keras.layers.Layer):
         """Returns `W + scaling · A·B` in the kernel's dtype (for export).
 
         Raises:
-            ValueError: if the update holds a NaN or an infinity.
+            ValueError: if the update, or the merged kernel in the kernel's
+                dtype (a float16 kernel overflows past 65504), holds a NaN
+                or an infinity.
         """
         delta = self._finite_delta()
         kernel = ops.convert_to_tensor(self.base_layer.kernel.value)
-        merged = ops.add(ops.cast(kernel, "float32"), delta)
-        return ops.cast(merged, kernel.dtype)
+        merged = ops.cast(ops.add(ops.cast(kernel, "float32"), delta), kernel.dtype)
+        if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(merged)))):
+            raise ValueError(
+                f"Layer '{self.name}': the merged kernel W + scaling·A·B "
+                f"overflows its dtype {keras.backend.standardize_dtype(kernel.dtype)} "
+                "(NaN or infinite entries); refusing to merge. Nothing was "
+                "changed."
+            )
+        return merged
 
     def _finite_delta(self):
         delta = self.delta_kernel()
@@ -344,6 +381,12 @@ class LoRALayer(keras.layers.Layer):
         """
         if self.merged:
             return
+        if not self.adapter_enabled:
+            raise ValueError(
+                f"Layer '{self.name}': its adapter is disabled, so merging it "
+                "would change what the layer computes; call "
+                "`enable_adapter()` first."
+            )
         self.base_layer.kernel.assign(self.merged_kernel())
         self.merged = True
 
@@ -358,12 +401,22 @@ class LoRALayer(keras.layers.Layer):
         self.merged = False
 
     def enable_adapter(self):
-        """Turns the low-rank path on (the default)."""
+        """Turns the low-rank path on (the default); see `disable_adapter`."""
         self.adapter_enabled = True
+        _reset_owner_functions(self)
 
     def disable_adapter(self):
-        """Turns the low-rank path off: the layer computes the base output."""
+        """Turns the low-rank path off: the layer computes the base output.
+
+        A traced `predict` / `fit` (JAX, TensorFlow) has the flag baked in,
+        so the traced functions of the models this layer was adapted in
+        (by `apply_lora` / `load_adapter`) are reset and re-trace on their
+        next call. For a LoRA layer placed in a model by hand, call
+        `keras_lora.disable_adapters(model)` instead, which resets that
+        model's functions.
+        """
         self.adapter_enabled = False
+        _reset_owner_functions(self)
 
     # Serialization --------------------------------------------------------
 
@@ -398,6 +451,23 @@ class LoRALayer(keras.layers.Layer):
             config["base_layer"]
         )
         return cls(**config)
+
+
+# The models each LoRA layer was adapted in (weakly held): switching one
+# layer's adapter must reset their traced functions.
+_OWNER_MODELS = weakref.WeakKeyDictionary()
+
+
+def register_owner(layer, model):
+    """Records that `layer` sits in `model` (see `disable_adapter`)."""
+    _OWNER_MODELS.setdefault(layer, weakref.WeakSet()).add(model)
+
+
+def _reset_owner_functions(layer):
+    from keras_lora.hub import reset_compiled_functions
+
+    for model in list(_OWNER_MODELS.get(layer, ())):
+        reset_compiled_functions(model)
 
 
 class _RankFirst:
