@@ -10,15 +10,29 @@ keras-lora export MODEL.keras [ADAPTER] -o PATH [--format tf_saved_model]
 saved with its adapters (`keras_lora.save_model` or `model.save`; then
 ADAPTER may be left out). Errors print one
 line to stderr and exit with status 1; usage errors exit with status 2.
+
+`inspect` reads only the file (no Keras, no backend is imported), and no
+command prints the backends' start-up log lines: the logging environment
+below is set before anything is imported, unless the user set it already.
 """
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
-import tempfile
 
 _FAILURE = 1
+# Backend start-up logging (TensorFlow's oneDNN / CUDA / cpu_feature_guard
+# lines, gRPC, absl), silenced unless the user chose otherwise.
+QUIET_ENVIRONMENT = {
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    "TF_ENABLE_ONEDNN_OPTS": "0",
+    "GRPC_VERBOSITY": "ERROR",
+    "GLOG_minloglevel": "3",
+    "ABSL_MIN_LOG_LEVEL": "3",
+}
 
 
 def main(argv=None):
@@ -37,9 +51,20 @@ def main(argv=None):
     >>> main(["inspect", "task.safetensors"])  # doctest: +SKIP
     0
     """
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     args = _parser().parse_args(argv)
+    # `inspect` imports no backend; the others may, so their stderr is
+    # filtered of the start-up lines no environment variable silences.
+    if args.command == "inspect":
+        quiet = contextlib.nullcontext()
+    else:
+        from keras_lora import native_logs
+
+        quiet = native_logs.filtered_stderr()
     try:
-        args.run(args)
+        with quiet:
+            args.run(args)
     except (OSError, ValueError, TypeError, ImportError, RuntimeError) as error:
         print(f"keras-lora {args.command}: error: {error}", file=sys.stderr)
         return _FAILURE
@@ -50,6 +75,9 @@ def _parser():
     parser = argparse.ArgumentParser(
         prog="keras-lora",
         description="Inspect, merge and export keras-lora adapters.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"keras-lora {_version()}"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -85,23 +113,31 @@ def _parser():
     return parser
 
 
+def _version():
+    from keras_lora import __version__
+
+    return __version__
+
+
 def _inspect(args):
-    from keras_lora.adapters import read_adapter
+    # Only the file format: no Keras, no backend.
+    from keras_lora.adapter_file import read_adapter
 
     adapter = read_adapter(args.adapter)
     file_bytes = os.path.getsize(args.adapter)
     tensor_bytes = sum(t.nbytes for t in adapter.tensors.values())
-    summary = {
-        "path": args.adapter,
-        "file_bytes": file_bytes,
-        "tensor_bytes": tensor_bytes,
-        "header_bytes": file_bytes - tensor_bytes,
-        "parameters": adapter.parameter_count,
-        **{k: v for k, v in adapter.metadata.items() if k != "layers"},
-        "layers": adapter.metadata["layers"],
-    }
     if args.json:
-        print(json.dumps(summary, indent=2))
+        summary = {
+            "path": args.adapter,
+            "file_bytes": file_bytes,
+            "tensor_bytes": tensor_bytes,
+            "header_bytes": file_bytes - tensor_bytes,
+            "parameters": adapter.parameter_count,
+            "verified": adapter.verified,
+            **{k: v for k, v in adapter.metadata.items() if k != "layers"},
+            "layers": adapter.metadata["layers"],
+        }
+        print(json.dumps(_json_safe(summary), indent=2, allow_nan=False))
         return
     meta = adapter.metadata
     print(f"Adapter: {args.adapter}")
@@ -111,13 +147,20 @@ def _inspect(args):
         f"{meta.get('keras_version')}, {meta.get('backend')} backend)"
     )
     print(
-        f"Size: {file_bytes:,} bytes ({tensor_bytes:,} adapter + "
+        f"Size: {file_bytes:,} bytes ({tensor_bytes:,} tensor + "
         f"{file_bytes - tensor_bytes:,} header)"
     )
     print(
         f"Layers: {len(adapter.layers)}, LoRA parameters: "
         f"{adapter.parameter_count:,}"
     )
+    if adapter.verified:
+        print(f"Digests: all {len(adapter.tensors)} tensors match their CRC-32")
+    else:
+        print(
+            "Digests: none (written before format 4): tensor data not "
+            "verified"
+        )
     rows = [("layer", "class", "rank", "alpha", "scaling", "params")]
     for record in adapter.layers.values():
         rows.append((
@@ -125,9 +168,35 @@ def _inspect(args):
             f"{record.alpha:g}", f"{record.scaling:g}",
             f"{record.parameter_count:,}",
         ))
+    _print_table(rows)
+    if adapter.extra_tensors:
+        trainable = ", ".join(adapter.trainable_layers) or "none"
+        print(
+            f"Other trained weights: {len(adapter.extra_tensors)} tensors "
+            f"(fully trainable layers: {trainable})"
+        )
+        rows = [("tensor", "shape", "params")]
+        for key, shape in adapter.extra_tensors.items():
+            rows.append((key, str(tuple(shape)), f"{math.prod(shape):,}"))
+        _print_table(rows)
+
+
+def _print_table(rows):
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+
+
+def _json_safe(value):
+    """Non-finite floats as strings: `json.dumps` would write a bare `NaN`,
+    which is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
 
 
 def _load_model(args):
@@ -152,6 +221,7 @@ def _load_model(args):
 
 
 def _merge(args):
+    from keras_lora import atomic_files
     from keras_lora.merge import merge_lora
 
     if not args.output.endswith(".keras"):
@@ -160,19 +230,15 @@ def _merge(args):
         )
     merged = merge_lora(_load_model(args))
     target = os.path.abspath(args.output)
-    parent, name = os.path.split(target)
+    parent = os.path.dirname(target)
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"output directory does not exist: '{parent}'")
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{name}.", suffix=".keras", dir=parent
-    )
-    os.close(descriptor)
-    try:
+    if os.path.isdir(target):
+        raise ValueError(f"-o {args.output!r} is a directory; give a file path")
+    # Written beside the target and renamed over it: a crash leaves the old
+    # file (and a `.<name>.*.keras` leftover the next merge removes).
+    with atomic_files.temporary_beside(target, ".keras") as (_, temporary):
         merged.save(temporary)
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     print(f"Wrote merged model to {target}")
 
 

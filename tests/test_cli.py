@@ -45,6 +45,15 @@ def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
 
 
+@pytest.fixture(autouse=True)
+def restored_environment():
+    """`cli.main` sets the quiet logging variables in `os.environ`."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def files(tmp_path):
     """A base model file, an adapter file, and the adapted model's outputs."""
@@ -211,3 +220,223 @@ def test_program_exits_non_zero_on_a_bad_file(tmp_path):
     assert result.returncode == 1
     assert "keras-lora inspect: error:" in result.stderr
     assert "not a readable safetensors file" in result.stderr
+
+
+# What inspect shows ------------------------------------------------------
+
+
+def head_model():
+    """An adapted model with a fully trainable head and trained biases."""
+    inputs = keras.Input((4,))
+    x = layers.Dense(6, name="dense")(inputs)
+    x = layers.Dense(3, name="head")(x)
+    return apply_lora(
+        keras.Model(inputs, x), rank=2, targets=["dense"], trainable=["head"],
+        train_bias=True,
+    )
+
+
+def test_inspect_lists_extra_tensors_and_the_digest_status(tmp_path, capsys):
+    adapter = str(tmp_path / "head.safetensors")
+    save_adapter(head_model(), adapter)
+    assert cli.main(["inspect", adapter]) == 0
+    out = capsys.readouterr().out
+    assert "Digests: all 5 tensors match their CRC-32" in out
+    assert "Other trained weights: 3 tensors (fully trainable layers: head)" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[5:]}
+    assert rows["head/kernel"] == ["(6,", "3)", "18"]
+    assert rows["head/bias"] == ["(3,)", "3"]
+    assert rows["dense/bias"] == ["(6,)", "6"]
+
+
+def rewrite_header(source, target, change):
+    import safetensors.numpy
+
+    with safetensors.safe_open(source, framework="numpy") as handle:
+        document = json.loads(handle.metadata()["keras_lora"])
+    change(document)
+    safetensors.numpy.save_file(
+        safetensors.numpy.load_file(source), target,
+        metadata={"keras_lora": json.dumps(document)},  # NaN stays NaN
+    )
+    return target
+
+
+def as_version_3(document):
+    del document["digests"], document["layer_keys"]
+    document["format_version"] = 3
+
+
+def test_inspect_says_an_older_file_is_not_verified(files, tmp_path, capsys):
+    _, adapter, _ = files
+    old = rewrite_header(adapter, str(tmp_path / "v3.safetensors"), as_version_3)
+    assert cli.main(["inspect", old]) == 0
+    assert (
+        "Digests: none (written before format 4): tensor data not verified"
+        in capsys.readouterr().out
+    )
+    assert cli.main(["inspect", old, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verified"] is False
+
+
+def strict_json(text):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_inspect_json_is_strict_json_with_digests_and_extras(tmp_path, capsys):
+    adapter = str(tmp_path / "head.safetensors")
+    save_adapter(head_model(), adapter)
+    assert cli.main(["inspect", adapter, "--json"]) == 0
+    report = strict_json(capsys.readouterr().out)
+    assert report["verified"] is True
+    assert report["extra_tensors"]["head/kernel"] == [6, 3]
+    assert sorted(report["digests"]) == sorted(
+        ["dense/lora_a", "dense/lora_b", "dense/bias", "head/kernel", "head/bias"]
+    )
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_inspect_reports_a_nan_scaling_as_an_error(files, tmp_path, capsys, as_json):
+    _, adapter, _ = files
+    bad = rewrite_header(
+        adapter, str(tmp_path / "nan.safetensors"),
+        lambda d: d["layers"]["dense"].update(scaling=float("nan")),
+    )
+    err = run_failing(["inspect", bad] + ["--json"] * as_json, capsys)
+    assert "layer 'dense'" in err and "Received: scaling=nan" in err
+    assert capsys.readouterr().out == ""
+
+
+def test_json_output_writes_non_finite_numbers_as_strings():
+    value = {"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "d": "x"}
+    assert strict_json(json.dumps(cli._json_safe(value), allow_nan=False)) == {
+        "a": [1.0, "nan"], "b": {"c": "-inf"}, "d": "x"
+    }
+
+
+def test_version_flag(capsys):
+    import keras_lora
+
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["--version"])
+    assert raised.value.code == 0
+    assert capsys.readouterr().out.strip() == f"keras-lora {keras_lora.__version__}"
+
+
+# Quiet and light -----------------------------------------------------------
+
+BACKEND_MODULES = ("keras", "jax", "tensorflow", "torch")
+
+
+def imported_backends(*argv):
+    """Runs `cli.main(argv)` in a fresh interpreter; returns its exit code and
+    the deep-learning modules it imported."""
+    code = (
+        "import sys, json\n"
+        "from keras_lora import cli\n"
+        "try:\n"
+        f"    status = cli.main({list(argv)!r})\n"
+        "except SystemExit as exit:\n"
+        "    status = exit.code\n"
+        f"found = sorted(m for m in sys.modules if m.split('.')[0] in {BACKEND_MODULES!r})\n"
+        "print('RESULT', json.dumps([status, found]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True,
+        cwd=REPO_ROOT,
+    )
+    line = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, result.stderr[-2000:]
+    return json.loads(line[-1][len("RESULT "):])
+
+
+@pytest.mark.parametrize("argv", [["inspect"], ["inspect", "--json"], ["--help"], ["--version"]])
+def test_inspect_help_and_version_import_no_backend(files, argv):
+    _, adapter, _ = files
+    if argv[0] == "inspect":
+        argv = [argv[0], adapter, *argv[1:]]
+    status, found = imported_backends(*argv)
+    assert (status, found) == (0, [])
+
+
+def test_importing_keras_lora_imports_no_backend_until_used():
+    code = (
+        "import sys, keras_lora\n"
+        "names = set(dir(keras_lora))\n"
+        "before = [m for m in sys.modules if m.split('.')[0] == 'keras']\n"
+        "keras_lora.apply_lora\n"
+        "after = 'keras' in sys.modules\n"
+        "print(before, after, set(keras_lora.__all__) <= names)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT
+    )
+    assert result.stdout.split() == ["[]", "True", "True"], result.stderr[-2000:]
+
+
+def test_a_users_logging_setting_is_kept(files, monkeypatch, capsys):
+    _, adapter, _ = files
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+    assert cli.main(["inspect", adapter]) == 0
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
+    assert os.environ["GRPC_VERBOSITY"] == "ERROR"
+
+
+NOISE = ("oneDNN", "cpu_feature_guard", "cudart_stub", "absl::InitializeLog",
+         "rebuild TensorFlow")
+
+
+def test_program_merge_prints_no_backend_log_lines(files, tmp_path):
+    base, adapter, _ = files
+    out = str(tmp_path / "merged.keras")
+    env = {k: v for k, v in os.environ.items() if k not in cli.QUIET_ENVIRONMENT}
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_lora.cli", "merge", base, adapter, "-o", out],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [n for n in NOISE if n in result.stderr] == [], result.stderr[-2000:]
+    assert result.stdout == f"Wrote merged model to {out}\n"
+
+
+def test_filtered_stderr_drops_native_log_lines_and_keeps_the_rest(tmp_path):
+    code = (
+        "import os\n"
+        "from keras_lora.native_logs import filtered_stderr\n"
+        "with filtered_stderr():\n"
+        "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() "
+        "is called are written to STDERR\\n')\n"
+        "    os.write(2, b'I0000 00:00:1796164863.342033    8401 cudart_stub.cc:31] "
+        "Could not find cuda drivers\\nreal problem\\n')\n"
+        "    os.write(2, b'E0000 00:00:17.1 3 op.cc:9] an error stays\\n')\n"
+        "os.write(2, b'after\\n')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, cwd=REPO_ROOT
+    )
+    assert result.stderr.decode().splitlines() == [
+        "real problem", "E0000 00:00:17.1 3 op.cc:9] an error stays", "after"
+    ]
+
+
+# Files merge writes ------------------------------------------------------
+
+
+def test_merge_output_gets_the_umask_mode_and_removes_stale_leftovers(files, tmp_path):
+    base, adapter, _ = files
+    out = str(tmp_path / "merged.keras")
+    stale = tmp_path / ".merged.keras.abcd1234.keras"
+    stale.write_bytes(b"partial")
+    other = tmp_path / ".merged.keras.abcd1234.keras.bak"
+    other.write_bytes(b"not ours")
+    previous = os.umask(0o027)
+    try:
+        assert cli.main(["merge", base, adapter, "-o", out]) == 0
+    finally:
+        os.umask(previous)
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o640)
+    assert not stale.exists() and other.exists()
