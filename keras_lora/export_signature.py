@@ -59,6 +59,52 @@ def resolve(model, input_signature=None):
         ) from error
 
 
+def parse(text):
+    """An `input_signature` from JSON text, as the CLI takes it.
+
+    Args:
+        text: a JSON list with one entry per positional input, each
+            `{"shape": [null, 8], "dtype": "float32"}` (or a list / dict of
+            such entries for nested inputs).
+
+    Returns:
+        A list of `keras.InputSpec` structures.
+
+    Raises:
+        ValueError: if `text` is not such JSON.
+
+    Example:
+
+    >>> parse('[{"shape": [null, 8], "dtype": "float32"}]')[0].shape
+    (None, 8)
+    """
+    import json
+
+    def spec(entry):
+        if set(entry) != {"shape", "dtype"}:
+            raise ValueError(
+                "each input signature entry needs exactly `shape` and "
+                f"`dtype`. Received: {entry!r}"
+            )
+        return keras.InputSpec(shape=tuple(entry["shape"]),
+                               dtype=entry["dtype"])
+
+    try:
+        value = json.loads(text, object_hook=spec)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "--input-signature must be a JSON list like "
+            '\'[{"shape": [null, 8], "dtype": "float32"}]\'. '
+            f"Received: {text!r} ({error})"
+        ) from error
+    if not isinstance(value, list):
+        raise ValueError(
+            "--input-signature must be a JSON list (one entry per input). "
+            f"Received: {text!r}"
+        )
+    return value
+
+
 def to_json(signature):
     """`signature` as JSON-ready data (`{"__input_spec__": 1, ...}` leaves)."""
     if signature is None:

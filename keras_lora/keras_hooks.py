@@ -10,8 +10,11 @@ public entry point reaches by attribute lookup:
 
 - `keras.src.saving.saving_lib.save_model` (`Model.save`,
   `keras.saving.save_model`, `ModelCheckpoint`): a model holding LoRA
-  layers is written as `keras_lora.save_model` writes it, the base model
-  plus its adapter (`model_io`); any other model is passed through.
+  layers that Keras cannot re-create (any held by something other than a
+  plain functional or `Sequential` model) is written as
+  `keras_lora.save_model` writes it, the base model plus its adapter
+  (`model_io`); any other model is passed through (LoRA layers that are
+  nodes of a functional graph serialize themselves).
 - `saving_lib.load_model` (`keras.saving.load_model`,
   `keras.models.load_model`): a file holding an adapter comes back adapted;
   any other file is passed through.
@@ -83,12 +86,12 @@ def _patch_saving(saving_lib):
 
 def _save_model_wrapper(keras_save_model):
     def save_model(model, filepath, weights_format="h5", zipped=True):
-        if not _lora_paths(model):
+        from keras_lora import model_io
+
+        if not model_io.needs_base_view(model):
             return keras_save_model(
                 model, filepath, weights_format=weights_format, zipped=zipped
             )
-        from keras_lora import model_io
-
         return model_io.write_model(
             model, filepath, weights_format=weights_format, zipped=zipped
         )

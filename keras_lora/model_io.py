@@ -83,6 +83,26 @@ def save_model(model, path):
     return target
 
 
+def needs_base_view(model):
+    """Whether Keras's own `.keras` file would lose some of `model`'s adapters.
+
+    LoRA layers that are nodes of plain functional or `Sequential` models
+    serialize themselves (registered classes): Keras rebuilds those graphs
+    from the layers' configs. A LoRA layer held by anything else (a custom
+    layer, `MultiHeadAttention`, a subclassed model, a keras-hub backbone,
+    which rebuilds itself from its constructor arguments) comes back as its
+    base layer, so such models need the base view plus the adapter.
+    """
+    from keras.src.models.functional import Functional
+
+    plain_graphs = (Functional, keras.Sequential)
+    return any(
+        type(parent) not in plain_graphs
+        for entry in lora_entries(model)
+        for parent in entry.parents
+    )
+
+
 def write_model(model, filepath, weights_format="h5", zipped=True):
     """`keras.src.saving.saving_lib.save_model` for a model with LoRA layers.
 

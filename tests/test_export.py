@@ -396,3 +396,14 @@ def test_bad_export_arguments_are_type_errors(tmp_path, arguments, message):
     with pytest.raises(TypeError, match=message):
         export_merged(plain_model(), str(tmp_path / "m"), **arguments)
     assert os.listdir(tmp_path) == []
+
+
+def test_the_cli_input_signature_text_parses_to_input_specs():
+    from keras_lora import export_signature
+
+    specs = export_signature.parse('[{"shape": [null, 6], "dtype": "float32"}]')
+    assert (specs[0].shape, specs[0].dtype) == ((None, 6), "float32")
+    with pytest.raises(ValueError, match="JSON list"):
+        export_signature.parse('{"shape": [null, 6], "dtype": "float32"}')
+    with pytest.raises(ValueError, match="exactly `shape` and `dtype`"):
+        export_signature.parse('[{"shape": [null, 6]}]')

@@ -268,3 +268,16 @@ def test_save_to_preset_of_a_plain_task_still_works(tmp_path):
         loaded.generate(prompt(), stop_token_ids=None)["token_ids"],
         greedy_generate(lm),
     )
+
+
+def test_lora_layers_that_are_graph_nodes_are_serialized_by_keras_itself(
+    tmp_path,
+):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, layers.Dense(3, name="out")(inputs))
+    keras_lora.apply_lora(model, rank=2)
+    model.save(tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as handle:
+        assert ADAPTER_MEMBER not in handle.namelist()
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert type(loaded.get_layer("out")).__name__ == "LoRADense"
