@@ -390,3 +390,36 @@ def test_the_writer_never_leaves_its_own_temporary_file(tmp_path, monkeypatch):
 def test_format_constants_are_reexported():
     assert adapter_file.FORMAT_VERSION == 4
     assert adapter_file.METADATA_KEY == "keras_lora"
+
+
+@pytest.mark.skipif(fcntl is None, reason="flock, SIGKILL")
+def test_a_writer_killed_mid_write_leaves_a_leftover_the_next_write_removes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    target = str(tmp_path / "task.safetensors")
+    code = (
+        "import sys, time\n"
+        "from keras_lora import atomic_files\n"
+        f"with atomic_files.temporary_beside({target!r}) as (handle, _):\n"
+        "    handle.write(b'half a file'); handle.flush()\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=root
+    )
+    try:
+        assert writer.stdout.readline() == b"writing\n"
+        (leftover,) = os.listdir(tmp_path)
+        assert re.fullmatch(r"\.task\.safetensors\.[a-z0-9_]{8}\.tmp", leftover)
+        # While the writer lives, its file is not taken for a leftover.
+        assert atomic_files.remove_stale_temporaries(target) == []
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert os.listdir(tmp_path) == [leftover]
+    atomic_files.write_atomically(b"complete", target)
+    assert os.listdir(tmp_path) == ["task.safetensors"]
