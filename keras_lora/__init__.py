@@ -16,6 +16,7 @@ _EXPORTS = {
     "LoRAEinsumDense": "keras_lora.layers",
     "LoRALayer": "keras_lora.layers",
     "apply_lora": "keras_lora.surgery",
+    "clone_with_lora": "keras_lora.clone",
     "disable_adapters": "keras_lora.merge",
     "enable_adapters": "keras_lora.merge",
     "export_merged": "keras_lora.export",

@@ -18,13 +18,9 @@ Every route checks all updates for NaN / infinity before it changes
 anything.
 """
 
-import contextlib
-import shutil
-import tempfile
-
 import keras
-from keras import ops
 
+from keras_lora import model_copy
 from keras_lora import model_walk
 from keras_lora import trained_weights
 from keras_lora.hub import reset_compiled_functions
@@ -253,17 +249,7 @@ def _merge_in_place(model, entries):
 
 
 def _merge_to_new_model(model):
-    config = keras.saving.serialize_keras_object(model)
-    config.pop("compile_config", None)
-    try:
-        merged = keras.saving.deserialize_keras_object(_strip_lora(config))
-    except (TypeError, ValueError) as error:
-        raise ValueError(
-            f"merge_lora: Keras cannot rebuild model '{model.name}' from its "
-            "config (register custom classes with "
-            "`keras.saving.register_keras_serializable`), or use "
-            f"`merge_lora(model, in_place=True)`. Cause: {error}"
-        ) from error
+    merged = model_copy.rebuild(model, _strip_lora, who="merge_lora")
     leftover = [
         entry.path
         for entry in model_walk.walk(merged).values()
@@ -274,7 +260,7 @@ def _merge_to_new_model(model):
             f"merge_lora: could not rebuild model '{model.name}' without "
             f"LoRA layers; still present: {leftover}."
         )
-    _copy_state(model, merged, path="")
+    model_copy.copy_state(model, merged, kernel_of=_effective_kernel)
     from keras_lora.surgery import compile_like
 
     compile_like(merged, model)
@@ -306,104 +292,3 @@ def _strip_lora(config):
     return {key: _strip_lora(value) for key, value in config.items()}
 
 
-def _copy_state(source, target, path):
-    """Copies weights and assets from `source`'s layer tree to `target`'s.
-
-    Sub-layers are paired by position (the order in which each parent
-    tracks them), which the rebuilt model reproduces; every pair must have
-    the same class (a LoRA layer pairs with its base layer's class) and
-    every variable the same shape.
-    """
-    source_layer = source.base_layer if isinstance(source, LoRALayer) else source
-    where = path or source.name
-    if type(source_layer) is not type(target):
-        raise ValueError(
-            f"merge_lora: layer '{where}' is a {type(source_layer).__name__} "
-            f"in the LoRA model but a {type(target).__name__} in the rebuilt "
-            "model."
-        )
-    _copy_own_variables(source, target, where)
-    _copy_assets(source_layer, target)
-    if isinstance(source, LoRALayer):
-        return
-    source_children = _stateful_sublayers(source)
-    target_children = _stateful_sublayers(target)
-    if len(source_children) != len(target_children):
-        raise ValueError(
-            f"merge_lora: layer '{where}' has {len(source_children)} "
-            f"sub-layers in the LoRA model but {len(target_children)} in the "
-            "rebuilt model: "
-            f"{[c.name for c in source_children]} vs "
-            f"{[c.name for c in target_children]}."
-        )
-    for source_child, target_child in zip(source_children, target_children):
-        child_path = f"{path}/{source_child.name}" if path else source_child.name
-        _copy_state(source_child, target_child, child_path)
-
-
-def _stateful_sublayers(layer):
-    # Stateless sub-layers may be created lazily on the first call (keras-hub
-    # packers), so only layers holding weights or assets are paired.
-    children = model_walk.sublayers(layer)
-    # On torch, keras-hub tasks keep `preprocessor` out of layer tracking;
-    # its tokenizer still holds a vocabulary to carry over.
-    preprocessor = getattr(layer, "preprocessor", None)
-    if isinstance(preprocessor, keras.layers.Layer) and all(
-        child is not preprocessor for child in children
-    ):
-        children.append(preprocessor)
-    return [child for child in children if child.weights or _has_assets(child)]
-
-
-def _has_assets(layer):
-    if hasattr(layer, "save_assets"):
-        return True
-    return any(_has_assets(child) for child in model_walk.sublayers(layer))
-
-
-def _copy_own_variables(source, target, where):
-    if isinstance(source, LoRALayer):
-        kernel = source.base_layer.kernel
-        values = [
-            _effective_kernel(source) if variable is kernel else variable.value
-            for variable in model_walk.own_variables(source.base_layer)
-        ]
-    else:
-        values = [v.value for v in model_walk.own_variables(source)]
-    variables = model_walk.own_variables(target)
-    if len(values) != len(variables):
-        raise ValueError(
-            f"merge_lora: layer '{where}' has {len(values)} variables in the "
-            f"LoRA model but {len(variables)} in the rebuilt model."
-        )
-    for value, variable in zip(values, variables):
-        if tuple(value.shape) != tuple(variable.shape):
-            raise ValueError(
-                f"merge_lora: variable '{variable.path}' of layer '{where}' "
-                f"has shape {tuple(value.shape)} in the LoRA model but "
-                f"{tuple(variable.shape)} in the rebuilt model."
-            )
-        # A copy: on JAX two variables must never share one buffer, since a
-        # jitted step may donate (delete) it.
-        variable.assign(ops.copy(value))
-
-
-def _copy_assets(source, target):
-    # Vocabularies and other files live outside the config (keras-hub
-    # tokenizers, lookup layers); pass them through Keras's own hooks.
-    save = getattr(source, "save_assets", None)
-    load = getattr(target, "load_assets", None)
-    if save is None or load is None:
-        return
-    with _temporary_directory() as directory:
-        save(directory)
-        load(directory)
-
-
-@contextlib.contextmanager
-def _temporary_directory():
-    directory = tempfile.mkdtemp(prefix="keras_lora_assets_")
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)

@@ -365,3 +365,32 @@ def test_causal_lm_built_twice_loads_the_adapter_of_the_first(tmp_path):
     keras_lora.load_adapter(second, path)
     assert isinstance(second, keras_hub.models.GemmaCausalLM)
     np.testing.assert_array_equal(greedy_generate(second), greedy_generate(first))
+
+
+def test_merge_lora_keeps_a_causal_lms_greedy_sampler():
+    lm = gemma_causal_lm()
+    lm.compile(sampler="greedy")
+    keras_lora.apply_lora(lm, rank=2)
+    randomize_lora_b(lm)
+    expected = greedy_generate(lm)
+    merged = keras_lora.merge_lora(lm)
+    assert type(merged.sampler).__name__ == "GreedySampler"
+    np.testing.assert_array_equal(greedy_generate(merged), expected)
+
+
+@pytest.mark.parametrize("factory", [f for _, f in CAUSAL_LMS], ids=[n for n, _ in CAUSAL_LMS])
+def test_clone_with_lora_keeps_the_task_class_and_the_original_generating(factory):
+    original = factory()
+    original.compile(sampler="greedy")
+    expected = greedy_generate(original)
+    weights = [keras.ops.convert_to_numpy(v).copy() for v in original.weights]
+    clone = keras_lora.clone_with_lora(original, rank=2)
+    assert type(clone) is type(original)
+    assert isinstance(clone.sampler, keras_hub.samplers.GreedySampler)
+    np.testing.assert_array_equal(greedy_generate(clone), expected)
+    randomize_lora_b(clone)
+    keras_lora.merge_lora(clone, in_place=True)
+    assert not keras_lora.lora_layers(original)
+    for variable, value in zip(original.weights, weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
+    np.testing.assert_array_equal(greedy_generate(original), expected)

@@ -342,3 +342,120 @@ def test_disable_and_enable_adapters_reach_a_compiled_predict():
     np.testing.assert_array_equal(model.predict(x, verbose=0), base)
     keras_lora.enable_adapters(model)
     np.testing.assert_allclose(model.predict(x, verbose=0), adapted, atol=1e-6)
+
+
+def test_layer_level_disable_adapter_reaches_a_compiled_predict():
+    import keras_lora
+
+    model, x = adapted(functional)
+    with_adapter = model.predict(x, verbose=0)
+    layer = lora_layers(model)["einsum"]
+    layer.disable_adapter()
+    without = model.predict(x, verbose=0)
+    assert not np.allclose(without, with_adapter)
+    layer.enable_adapter()
+    np.testing.assert_allclose(model.predict(x, verbose=0), with_adapter, atol=1e-6)
+    keras_lora.disable_adapters(model)
+    np.testing.assert_allclose(model.predict(x, verbose=0), to_numpy(
+        merge_lora(model)(x)), atol=1e-6)
+
+
+# Disabled adapters: merged models compute what the LoRA model computes ----
+
+
+def test_merge_adapters_leaves_disabled_adapters_out_and_outputs_unmoved():
+    import keras_lora
+
+    model, x = adapted(functional)
+    keras_lora.disable_adapters(model)
+    before = to_numpy(model(x))
+    kernels_before = kernels(model)
+    merge_adapters(model)
+    np.testing.assert_allclose(to_numpy(model(x)), before, **TOLERANCE)
+    assert not any(layer.merged for layer in lora_layers(model).values())
+    for kernel, value in zip(kernels(model), kernels_before):
+        np.testing.assert_array_equal(kernel, value)
+    # merge_lora agrees: a disabled adapter merges to the base kernel.
+    np.testing.assert_allclose(to_numpy(merge_lora(model)(x)), before, **TOLERANCE)
+
+
+def test_merge_adapters_ignores_nan_in_a_disabled_layer_and_merges_the_rest():
+    model, x = adapted(functional)
+    einsum = lora_layers(model)["einsum"]
+    einsum.lora_b.assign(np.full((2, 3), np.nan, "float32"))
+    einsum.disable_adapter()
+    merge_adapters(model)
+    assert lora_layers(model)["dense"].merged and not einsum.merged
+    assert np.all(np.isfinite(to_numpy(model(x))))
+
+
+def test_merging_a_disabled_layer_directly_is_refused():
+    model, _ = adapted(functional)
+    layer = lora_layers(model)["dense"]
+    layer.disable_adapter()
+    before = kernels(model)
+    with pytest.raises(ValueError, match="'dense'.*disabled.*enable_adapter"):
+        layer.merge()
+    assert not layer.merged
+    np.testing.assert_array_equal(kernels(model)[0], before[0])
+
+
+# Merged kernels that overflow their dtype are refused, nothing changed ----
+
+
+def overflowing(dtype):
+    """A model whose "einsum" merged kernel overflows `dtype`; finite update."""
+    model, x = adapted(functional)
+    layer = lora_layers(model)["einsum"]
+    if dtype == "float32":
+        kernel = to_numpy(layer.kernel).copy()
+        kernel[0, 0] = 3e38
+        layer.kernel.assign(kernel)
+        a = np.zeros((2, 6), "float32")
+        a[0, 0] = 1.0
+        b = np.zeros((2, 3), "float32")
+        b[0, 0] = 2e38 / layer.scaling
+    else:
+        a = np.full((2, 6), 200.0, "float32")
+        b = np.full((2, 3), 200.0, "float32")  # update 1.2e5 > 65504
+    layer.lora_a.assign(a)
+    layer.lora_b.assign(b)
+    assert np.all(np.isfinite(to_numpy(layer.delta_kernel())))
+    return model, x
+
+
+@pytest.mark.parametrize("route", ["merge_adapters", "new", "in_place"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_merged_kernel_overflowing_its_dtype_is_refused(route, dtype):
+    if dtype == "float16":
+        keras.config.set_dtype_policy("float16")
+    model, x = overflowing(dtype)
+    before = kernels(model)
+    with pytest.raises(ValueError, match=f"'einsum'.*overflows its dtype {dtype}"):
+        if route == "merge_adapters":
+            merge_adapters(model)
+        else:
+            merge_lora(model, in_place=route == "in_place")
+    assert list(lora_layers(model)) == ["dense", "einsum"]
+    assert not any(layer.merged for layer in lora_layers(model).values())
+    for kernel, value in zip(kernels(model), before):
+        np.testing.assert_array_equal(kernel, value)
+
+
+# A new merged model keeps the compile settings ----------------------------
+
+
+def test_merged_model_keeps_the_compile_settings():
+    model, x = adapted(functional)
+    model.compile(keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+    merged = merge_lora(model)
+    assert merged.compiled
+    assert isinstance(merged.optimizer, keras.optimizers.SGD)
+    assert merged.optimizer is not model.optimizer
+    assert merged.get_compile_config()["loss"] == "mse"
+    merged.fit(x, np.zeros((5, 3)), epochs=1, verbose=0)
+
+
+def test_uncompiled_model_merges_uncompiled():
+    model, _ = adapted(functional)
+    assert not merge_lora(model).compiled
