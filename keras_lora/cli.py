@@ -51,16 +51,18 @@ def main(argv=None):
     >>> main(["inspect", "task.safetensors"])  # doctest: +SKIP
     0
     """
-    for name, value in QUIET_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
     args = _parser().parse_args(argv)
-    # `inspect` imports no backend; the others may, so their stderr is
-    # filtered of the start-up lines no environment variable silences.
+    # `inspect` imports no backend; the others may (and export starts a
+    # TensorFlow process): before that, quiet logging where the user chose
+    # nothing, and a stderr filtered of the start-up lines that no
+    # environment variable silences.
     if args.command == "inspect":
         quiet = contextlib.nullcontext()
     else:
         from keras_lora import native_logs
 
+        for name, value in QUIET_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)
         quiet = native_logs.filtered_stderr()
     try:
         with quiet:

@@ -377,13 +377,20 @@ def test_importing_keras_lora_imports_no_backend_until_used():
     assert result.stdout.split() == ["[]", "True", "True"], result.stderr[-2000:]
 
 
-def test_a_users_logging_setting_is_kept(files, monkeypatch, capsys):
-    _, adapter, _ = files
+def test_merge_sets_quiet_logging_but_keeps_a_users_setting(files, tmp_path, monkeypatch):
+    base, adapter, _ = files
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
     monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
-    assert cli.main(["inspect", adapter]) == 0
+    assert cli.main(["merge", base, adapter, "-o", str(tmp_path / "m.keras")]) == 0
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
     assert os.environ["GRPC_VERBOSITY"] == "ERROR"
+
+
+def test_inspect_leaves_the_environment_alone(files, monkeypatch):
+    _, adapter, _ = files
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+    assert cli.main(["inspect", adapter]) == 0
+    assert "GRPC_VERBOSITY" not in os.environ
 
 
 NOISE = ("oneDNN", "cpu_feature_guard", "cudart_stub", "absl::InitializeLog",
