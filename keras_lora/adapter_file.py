@@ -324,10 +324,6 @@ def _check_parent(path, who):
     return target
 
 
-def _write_atomically(payload, target):
-    atomic_files.write_atomically(payload, target)
-
-
 # Reading ------------------------------------------------------------------
 
 
