@@ -424,6 +424,10 @@ def freeze(model, adapted, trainable_layers):
             # Leaf layers: a frozen BatchNormalization must also stop
             # updating its moving statistics, which `trainable` controls.
             layer.trainable = False
+            # TensorFlow skips the variables when the flag was already
+            # False (a layer a previous adapter trained fully).
+            for variable in layer.weights:
+                variable.trainable = False
         else:
             for variable in model_walk.own_variables(layer):
                 variable.trainable = False

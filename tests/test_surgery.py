@@ -471,7 +471,7 @@ def test_wide_layers_do_not_warn():
 
     model, _ = sequential()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         keras_lora.apply_lora(model, rank=2)
 
 

@@ -196,6 +196,10 @@ class LoRALayer(keras.layers.Layer):
 
     def _freeze_base(self):
         self.base_layer.trainable = False
+        # On TensorFlow, setting `trainable` to the value it already has
+        # leaves the variables' own flags as they are: set them explicitly.
+        for variable in self.base_layer.weights:
+            variable.trainable = False
         bias = getattr(self.base_layer, "bias", None)
         if self.train_bias and self._trainable and bias is not None:
             bias.trainable = True
