@@ -18,6 +18,8 @@ public entry point reaches by attribute lookup:
 - `saving_lib.load_model` (`keras.saving.load_model`,
   `keras.models.load_model`): a file holding an adapter comes back adapted;
   any other file is passed through.
+- `legacy_h5_format.save_model_to_hdf5` (`model.save("m.h5")`): refused
+  for such models.
 - `saving_lib.load_weights_only` (`Model.load_weights`): LoRA weights onto
   a model without those LoRA layers (and the reverse) are refused before
   anything is assigned, saying what to do.
@@ -124,6 +126,26 @@ def _load_weights_wrapper(keras_load_weights):
     return load_weights_only
 
 
+def _patch_legacy_h5(legacy_h5_format):
+    _wrap(legacy_h5_format, "save_model_to_hdf5", _legacy_h5_wrapper)
+
+
+def _legacy_h5_wrapper(keras_save_to_hdf5):
+    def save_model_to_hdf5(model, filepath, *args, **kwargs):
+        from keras_lora import model_io
+
+        if model_io.needs_base_view(model):
+            raise ValueError(
+                f"Saving model '{model.name}', which holds LoRA layers inside "
+                "other layers, to a legacy `.h5` file would lose them. Save "
+                "to a `.keras` file instead (`model.save('model.keras')`). "
+                f"Received: filepath={str(filepath)!r}"
+            )
+        return keras_save_to_hdf5(model, filepath, *args, **kwargs)
+
+    return save_model_to_hdf5
+
+
 # Model.quantize -----------------------------------------------------------
 
 
@@ -187,6 +209,7 @@ def _sample(paths, limit=4):
 
 _PATCHES = {
     "keras.src.saving.saving_lib": _patch_saving,
+    "keras.src.legacy.saving.legacy_h5_format": _patch_legacy_h5,
     "keras.src.models.model": _patch_model,
     "keras_hub.src.models.task": _patch_hub_class("Task"),
     "keras_hub.src.models.backbone": _patch_hub_class("Backbone"),

@@ -247,7 +247,14 @@ def read_model(filepath, custom_objects=None, compile=True, safe_mode=True):
         adapter_file = os.path.join(tmp, "adapter.safetensors")
         with open(adapter_file, "wb") as handle:
             handle.write(adapter_bytes)
-        adapters.load_adapter(model, adapter_file)
+        try:
+            adapters.load_adapter(model, adapter_file)
+        except ValueError as error:
+            raise ValueError(
+                f"Loading '{_describe(filepath)}': its adapter "
+                f"({ADAPTER_MEMBER}) does not load onto the model it holds. "
+                f"{str(error).replace(adapter_file, ADAPTER_MEMBER)}"
+            ) from error
     if compile and compile_config:
         with keras.saving.custom_object_scope(custom_objects or {}):
             model.compile(**keras.saving.deserialize_keras_object(compile_config))
@@ -329,6 +336,10 @@ def _adapter_bytes(source, probe=False):
         if ADAPTER_MEMBER not in handle.namelist():
             return None
         return b"" if probe else handle.read(ADAPTER_MEMBER)
+
+
+def _describe(source):
+    return getattr(source, "name", None) or str(source)
 
 
 def _compile_config(source):

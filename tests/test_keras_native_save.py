@@ -281,3 +281,10 @@ def test_lora_layers_that_are_graph_nodes_are_serialized_by_keras_itself(
         assert ADAPTER_MEMBER not in handle.namelist()
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert type(loaded.get_layer("out")).__name__ == "LoRADense"
+
+
+def test_a_legacy_h5_save_of_nested_lora_layers_is_refused(tmp_path):
+    model, _, _ = adapted(attention)
+    with pytest.raises(ValueError, match=r"legacy `.h5` file would lose them"):
+        model.save(tmp_path / "m.h5")
+    assert os.listdir(tmp_path) == []

@@ -218,3 +218,17 @@ def test_compiled_model_saves_its_compile_settings_but_no_optimizer_state(
     with zipfile.ZipFile(path) as handle:
         base_view = json.loads(handle.read("config.json"))
     assert not base_view.get("compile_config")
+
+
+def test_a_corrupt_adapter_member_is_an_error_naming_the_archive(tmp_path):
+    model, _, _ = trained(sequential)
+    path = save_model(model, tmp_path / "m.keras")
+    broken = tmp_path / "broken.keras"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(broken, "w") as out:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == ADAPTER_MEMBER:
+                data = data[: len(data) // 2]
+            out.writestr(item, data)
+    with pytest.raises(ValueError, match=r"broken\.keras'.*keras_lora/adapter"):
+        load_model(broken)
