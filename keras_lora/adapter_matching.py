@@ -30,7 +30,7 @@ def record_of(layer):
         "train_bias": layer.train_bias,
         "lora_a_shape": list(layer.lora_a.shape),
         "lora_b_shape": list(layer.lora_b.shape),
-        "base_kernel_shape": list(layer.base_layer.kernel.shape),
+        "base_kernel_shape": list(layer.kernel.shape),
     }
 
 
@@ -167,7 +167,7 @@ def check_base_model(model, adapter):
                 f"{where}: layer '{record.path}' is not built; build the "
                 "model first. Nothing was changed."
             )
-        kernel_shape = tuple(layer.kernel.shape)
+        kernel_shape = tuple(lora_class.base_kernel(layer).shape)
         if kernel_shape != record.base_kernel_shape:
             raise ValueError(
                 f"{where}: layer '{record.path}': the base kernel has shape "
@@ -227,7 +227,7 @@ def check_adapted_model(adapted, adapter):
                 f"{at} has rank {layer.rank} in the model but {record.rank} "
                 "in the file. Nothing was changed."
             )
-        kernel_shape = tuple(layer.base_layer.kernel.shape)
+        kernel_shape = tuple(layer.kernel.shape)
         if kernel_shape != record.base_kernel_shape:
             raise ValueError(
                 f"{at}: the base kernel has shape {kernel_shape} in the model "

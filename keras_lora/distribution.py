@@ -154,7 +154,7 @@ def extend_layout_map(layout_map, model):
 
     adapter_paths = {}
     for layer in lora_layers(model).values():
-        kernel = layer.base_layer.kernel
+        kernel = layer.kernel
         layout = layout_map[kernel.path]
         if layout is None:
             axes = (None,) * len(kernel.shape)

@@ -224,7 +224,7 @@ def _check_finite(entries):
 def _effective_kernel(layer):
     if _folds_update(layer):
         return layer.merged_kernel()
-    return layer.base_layer.kernel.value
+    return layer.kernel.value
 
 
 # In place -----------------------------------------------------------------
@@ -236,7 +236,7 @@ def _merge_in_place(model, entries):
     for entry in entries:
         layer = entry.layer
         if _folds_update(layer):
-            layer.base_layer.kernel.assign(layer.merged_kernel())
+            layer.kernel.assign(layer.merged_kernel())
         layer.base_layer.trainable = layer.trainable
         for parent in entry.parents:
             layer_swap.replace_layer(parent, layer, layer.base_layer)

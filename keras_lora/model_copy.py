@@ -120,7 +120,7 @@ def _has_assets(layer):
 
 def _copy_own_variables(source, target, where, kernel_of):
     if isinstance(source, LoRALayer):
-        kernel = source.base_layer.kernel
+        kernel = source.kernel
         values = [
             kernel_of(source) if variable is kernel else variable.value
             for variable in model_walk.own_variables(source.base_layer)

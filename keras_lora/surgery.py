@@ -16,6 +16,7 @@ from keras_lora import targeting
 from keras_lora import trained_weights
 from keras_lora.layers import LORA_LAYER_FOR
 from keras_lora.layers import LoRALayer
+from keras_lora.layers import is_default_target
 from keras_lora.layers import lora_class_for
 from keras_lora.layers import supported_types
 from keras_lora.layers.base import register_owner
@@ -214,7 +215,7 @@ def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
     if target_patterns:
         chosen = _select(entries, target_patterns, "targets", expand=True)
     else:
-        chosen = [e for e in entries.values() if lora_class_for(e.layer)]
+        chosen = [e for e in entries.values() if is_default_target(e.layer)]
     inside_trainable = _descendant_ids(entries, trainable_layers)
     plans, narrow = [], []
     for entry in chosen:

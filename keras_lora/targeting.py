@@ -2,7 +2,8 @@
 
 A *pattern* is one of:
 
-- a preset name (`"all-linear"`, `"attention"`, `"query_value"`),
+- a preset name (`"all-linear"`: every Dense and EinsumDense; `"all"`:
+  every layer keras-lora supports; `"attention"`, `"query_value"`),
 - a string: an exact layer name, an exact path, a path suffix at a `/`
   boundary (`"block/up"`), or a glob on the path (`"*attention*"`),
 - a compiled regular expression, searched in the path,
@@ -17,7 +18,7 @@ the dict's order wins).
 import fnmatch
 import re
 
-import keras  # noqa: F401  (used in the docstring example)
+import keras
 
 # Layer names used by Keras's MultiHeadAttention and keras-hub's attention
 # layers (keras-hub's `Backbone.default_lora_layer_names()` is the
@@ -26,7 +27,12 @@ _QUERY_VALUE = ("query", "value", "query_dense", "value_dense")
 _ATTENTION = _QUERY_VALUE + ("key", "key_dense", "attention_output")
 
 PRESETS = {
-    "all-linear": lambda path, layer: True,
+    # Every Dense / EinsumDense (PEFT's "all-linear"); "all" adds every other
+    # type keras-lora supports (embeddings, convolutions, ...).
+    "all-linear": lambda path, layer: isinstance(
+        layer, (keras.layers.Dense, keras.layers.EinsumDense)
+    ),
+    "all": lambda path, layer: True,
     "attention": lambda path, layer: layer.name in _ATTENTION,
     "query_value": lambda path, layer: layer.name in _QUERY_VALUE,
 }

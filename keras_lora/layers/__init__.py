@@ -13,6 +13,17 @@ LORA_LAYER_FOR = (
 )
 
 
+# The types `apply_lora` adapts when no `targets` are given (and the
+# "all-linear" preset): a CNN's convolutions or a table's embeddings are
+# adapted only when targeted by name, type, glob or the "all" preset.
+DEFAULT_TARGET_TYPES = (keras.layers.EinsumDense, keras.layers.Dense)
+
+
+def is_default_target(layer):
+    """Whether `apply_lora` adapts `layer` when no `targets` are given."""
+    return isinstance(layer, DEFAULT_TARGET_TYPES) and lora_class_for(layer) is not None
+
+
 def lora_class_for(layer):
     """Returns the LoRA class that adapts `layer`, or `None`."""
     for base_class, lora_class in LORA_LAYER_FOR:

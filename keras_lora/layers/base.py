@@ -123,6 +123,17 @@ class LoRALayer(keras.layers.Layer):
     # Geometry, supplied by subclasses ------------------------------------
 
     @classmethod
+    def base_kernel(cls, base_layer):
+        """The base layer's frozen weight that the adapters update.
+
+        `kernel` for Dense, EinsumDense and convolutions; a subclass for a
+        layer keeping it elsewhere (an `Embedding`'s `embeddings`)
+        overrides this, and everything else (merge, adapter files, layouts,
+        checks) follows.
+        """
+        return base_layer.kernel
+
+    @classmethod
     def _kernel_split(cls, base_layer):
         """Returns `(contracted_shape, free_shape)` of the base kernel."""
         raise NotImplementedError
@@ -143,8 +154,12 @@ class LoRALayer(keras.layers.Layer):
     def _base_preactivation(self, inputs):
         raise NotImplementedError
 
-    def _add_lora_output(self, outputs, inputs, lora_a, lora_b):
-        """Returns `outputs + scaling · (inputs · A) · B`, factored."""
+    def _add_lora_output(self, outputs, inputs, lora_a, lora_b, scaling):
+        """Returns `outputs + scaling · (inputs · A) · B`, factored.
+
+        `scaling` is a Python float (one adapter's); `lora_a` / `lora_b`
+        are tensors in the inputs' compute dtype.
+        """
         raise NotImplementedError
 
     def _delta_kernel(self, lora_a, lora_b):
@@ -231,7 +246,7 @@ class LoRALayer(keras.layers.Layer):
         contracted, free = self._kernel_split(self.base_layer)
         # Create the adapters beside the base kernel so their paths read
         # ".../<layer>/lora_a" and a LayoutMap sees where they belong.
-        kernel_path = self.base_layer.kernel.path
+        kernel_path = self.kernel.path
         parts = kernel_path.split("/")[:-2]
         scope = (
             keras.name_scope(parts[-1], override_parent="/".join(parts[:-1]))
@@ -241,7 +256,7 @@ class LoRALayer(keras.layers.Layer):
         # Under a keras.distribution, A and B take layouts derived from the
         # kernel's, whatever a LayoutMap written for the base would say.
         layouts = adapter_layout_scope(
-            self.base_layer.kernel, *self._kernel_axes(self.base_layer)
+            self.kernel, *self._kernel_axes(self.base_layer)
         )
         with scope, layouts:
             self.lora_a = self.add_weight(
@@ -301,8 +316,8 @@ class LoRALayer(keras.layers.Layer):
 
     @property
     def kernel(self):
-        """The base layer's (frozen) kernel variable."""
-        return self.base_layer.kernel
+        """The base layer's (frozen) kernel variable (see `base_kernel`)."""
+        return self.base_kernel(self.base_layer)
 
     @property
     def bias(self):
@@ -319,7 +334,9 @@ class LoRALayer(keras.layers.Layer):
                 )
             lora_a = self._in_compute_dtype(self.lora_a, x)
             lora_b = self._in_compute_dtype(self.lora_b, x)
-            outputs = self._add_lora_output(outputs, x, lora_a, lora_b)
+            outputs = self._add_lora_output(
+                outputs, x, lora_a, lora_b, self.scaling
+            )
         activation = self.base_layer.activation
         if activation is not None:
             outputs = activation(outputs)
@@ -355,7 +372,7 @@ class LoRALayer(keras.layers.Layer):
                 or an infinity.
         """
         delta = self._finite_delta()
-        kernel = ops.convert_to_tensor(self.base_layer.kernel.value)
+        kernel = ops.convert_to_tensor(self.kernel.value)
         merged = ops.cast(ops.add(ops.cast(kernel, "float32"), delta), kernel.dtype)
         if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(merged)))):
             raise ValueError(
@@ -391,14 +408,14 @@ class LoRALayer(keras.layers.Layer):
                 "would change what the layer computes; call "
                 "`enable_adapter()` first."
             )
-        self.base_layer.kernel.assign(self.merged_kernel())
+        self.kernel.assign(self.merged_kernel())
         self.merged = True
 
     def unmerge(self):
         """Subtracts `scaling · A·B` from the kernel, undoing `merge()`."""
         if not self.merged:
             return
-        kernel = self.base_layer.kernel
+        kernel = self.kernel
         value = ops.convert_to_tensor(kernel.value)
         restored = ops.subtract(ops.cast(value, "float32"), self.delta_kernel())
         kernel.assign(ops.cast(restored, value.dtype))

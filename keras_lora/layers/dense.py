@@ -94,9 +94,9 @@ class LoRADense(LoRALayer):
             outputs = ops.add(outputs, self.base_layer.bias)
         return outputs
 
-    def _add_lora_output(self, outputs, inputs, lora_a, lora_b):
+    def _add_lora_output(self, outputs, inputs, lora_a, lora_b, scaling):
         return add_low_rank_update(
-            outputs, inputs, lora_a, lora_b, self.scaling
+            outputs, inputs, lora_a, lora_b, scaling
         )
 
     def _delta_kernel(self, lora_a, lora_b):

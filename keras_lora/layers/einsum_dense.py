@@ -218,13 +218,13 @@ class LoRAEinsumDense(LoRALayer):
             outputs = ops.add(outputs, self.base_layer.bias)
         return outputs
 
-    def _add_lora_output(self, outputs, inputs, lora_a, lora_b):
+    def _add_lora_output(self, outputs, inputs, lora_a, lora_b, scaling):
         if self._split.matmul_view:
             return add_low_rank_update(
-                outputs, inputs, lora_a, lora_b, self.scaling
+                outputs, inputs, lora_a, lora_b, scaling
             )
         low_rank = ops.einsum(self._split.project_equation, inputs, lora_a)
-        low_rank = ops.multiply(low_rank, self.scaling)
+        low_rank = ops.multiply(low_rank, scaling)
         update = ops.einsum(self._split.expand_equation, low_rank, lora_b)
         return ops.add(outputs, update)
 
