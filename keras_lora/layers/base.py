@@ -326,28 +326,45 @@ class LoRALayer(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         outputs = self._base_preactivation(inputs)
-        if self.adapter_enabled and not self.merged:
-            x = inputs
-            if training and self.dropout > 0:
-                x = keras.random.dropout(
-                    x, self.dropout, seed=self.seed_generator
-                )
-            lora_a = self._in_compute_dtype(self.lora_a, x)
-            lora_b = self._in_compute_dtype(self.lora_b, x)
-            outputs = self._add_lora_output(
-                outputs, x, lora_a, lora_b, self.scaling
-            )
-        activation = self.base_layer.activation
+        for x, lora_a, lora_b, scaling in self._lora_terms(inputs, training):
+            outputs = self._add_lora_output(outputs, x, lora_a, lora_b, scaling)
+        activation = getattr(self.base_layer, "activation", None)
         if activation is not None:
             outputs = activation(outputs)
         return outputs
 
+    def _lora_terms(self, inputs, training):
+        """`(lora input, A, B, scaling)` for each update to add in `call`.
+
+        Nothing while the adapter is disabled or merged. `A` and `B` are in
+        the compute dtype of `inputs`. Layer types whose input the update
+        does not take as is (an `Embedding`'s token ids) override
+        `_lora_input`.
+        """
+        if not self.adapter_enabled or self.merged:
+            return []
+        x = self._lora_input(inputs, training, self.dropout)
+        reference = x if _is_float(x) else None
+        lora_a = self._in_compute_dtype(self.lora_a, reference)
+        lora_b = self._in_compute_dtype(self.lora_b, reference)
+        return [(x, lora_a, lora_b, self.scaling)]
+
+    def _lora_input(self, inputs, training, dropout):
+        """The LoRA path's input: `inputs` with dropout while training."""
+        if training and dropout > 0:
+            return keras.random.dropout(inputs, dropout, seed=self.seed_generator)
+        return inputs
+
     def _in_compute_dtype(self, variable, x):
+        """`variable` as a tensor in `x`'s dtype (the layer's compute dtype
+        when `x` is `None` or not a float tensor)."""
         value = ops.convert_to_tensor(variable)
-        if keras.backend.standardize_dtype(value.dtype) != (
-            keras.backend.standardize_dtype(x.dtype)
-        ):
-            value = ops.cast(value, x.dtype)
+        dtype = (
+            keras.backend.standardize_dtype(x.dtype) if x is not None
+            else self.compute_dtype
+        )
+        if keras.backend.standardize_dtype(value.dtype) != dtype:
+            value = ops.cast(value, dtype)
         return value
 
     def compute_output_shape(self, input_shape):
@@ -513,6 +530,10 @@ class _RankFirst:
         return np.ascontiguousarray(
             np.moveaxis(ops.convert_to_numpy(value), -1, 0)
         )
+
+
+def _is_float(x):
+    return "float" in keras.backend.standardize_dtype(x.dtype)
 
 
 class _NullScope:
