@@ -25,7 +25,10 @@ EXTRAS_SINCE = 2
 DIGESTS_SINCE = 4
 
 # The LoRA classes a file may name (checked against `type(layer).__name__`).
-LORA_CLASS_NAMES = ("LoRADense", "LoRAEinsumDense")
+LORA_CLASS_NAMES = (
+    "LoRADense", "LoRAEinsumDense", "LoRAEmbedding", "LoRAReversibleEmbedding",
+    "LoRAConv1D", "LoRAConv2D", "LoRAConv3D",
+)
 # `scaling` must equal `alpha / rank` (or `/ sqrt(rank)`) this closely.
 SCALING_RTOL = 1e-6
 

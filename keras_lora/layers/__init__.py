@@ -3,13 +3,34 @@
 import keras
 
 from keras_lora.layers.base import LoRALayer
+from keras_lora.layers.conv import LoRAConv1D
+from keras_lora.layers.conv import LoRAConv2D
+from keras_lora.layers.conv import LoRAConv3D
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
+from keras_lora.layers.embedding import LoRAEmbedding
+from keras_lora.layers.embedding import LoRAReversibleEmbedding
+from keras_lora.layers.embedding import reversible_embedding_class
 
-# First match wins; a new layer type adds a row here, nothing else changes.
+# keras-hub's ReversibleEmbedding subclasses Keras's (Keras >= 3.12); on an
+# older Keras, keras-hub's own class, if keras-hub is installed.
+_REVERSIBLE_ROWS = (
+    ((reversible_embedding_class(), LoRAReversibleEmbedding),)
+    if reversible_embedding_class() is not None else ()
+)
+
+# First match wins (a ReversibleEmbedding is an Embedding); a new layer
+# type adds a row here, nothing else changes. Transposed, depthwise and
+# separable convolutions are not `Conv1D/2D/3D` subclasses: no row matches
+# them, and `apply_lora` names them as unsupported.
 LORA_LAYER_FOR = (
     (keras.layers.EinsumDense, LoRAEinsumDense),
     (keras.layers.Dense, LoRADense),
+    *_REVERSIBLE_ROWS,
+    (keras.layers.Embedding, LoRAEmbedding),
+    (keras.layers.Conv1D, LoRAConv1D),
+    (keras.layers.Conv2D, LoRAConv2D),
+    (keras.layers.Conv3D, LoRAConv3D),
 )
 
 
