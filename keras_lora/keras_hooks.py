@@ -115,9 +115,7 @@ def _load_model_wrapper(keras_load_model):
 def _load_weights_wrapper(keras_load_weights):
     def load_weights_only(model, filepath, skip_mismatch=False,
                           objects_to_skip=None):
-        from keras_lora import model_io
-
-        model_io.check_weights_fit(model, filepath, _lora_paths(model))
+        _check_weights_fit(model, filepath, _lora_paths(model))
         return keras_load_weights(
             model, filepath, skip_mismatch=skip_mismatch,
             objects_to_skip=objects_to_skip,
@@ -144,6 +142,59 @@ def _legacy_h5_wrapper(keras_save_to_hdf5):
         return keras_save_to_hdf5(model, filepath, *args, **kwargs)
 
     return save_model_to_hdf5
+
+
+def _check_weights_fit(model, filepath, model_lora_paths):
+    """Refuses `load_weights` between LoRA and non-LoRA models up front.
+
+    Raises:
+        ValueError: if `filepath` holds LoRA weights and `model` has no LoRA
+            layers, or the reverse; nothing is assigned.
+    """
+    from keras_lora.model_io import holds_adapter
+
+    text = str(filepath)
+    if text.endswith(".keras") and holds_adapter(filepath):
+        raise ValueError(
+            f"load_weights: '{text}' is a keras-lora model file (the base "
+            "model plus an adapter). Load it with `keras.saving.load_model` "
+            "(keras-lora imported), or save the adapter with `save_adapter` "
+            f"and load it onto model '{model.name}' with `load_adapter`. "
+            "Nothing was changed."
+        )
+    file_lora = _lora_groups(text) if text.endswith(".weights.h5") else None
+    if file_lora is None:
+        return
+    if file_lora and not model_lora_paths:
+        raise ValueError(
+            f"load_weights: '{text}' holds the weights of a model with "
+            f"{len(file_lora)} LoRA layers (e.g. '{file_lora[0]}'), but model "
+            f"'{model.name}' has none. Apply the same LoRA first "
+            "(`apply_lora(model, ...)` with the same arguments) and then "
+            "load the weights, or use `save_adapter` / `load_adapter`, "
+            "which apply it for you. Nothing was changed."
+        )
+    if model_lora_paths and not file_lora:
+        raise ValueError(
+            f"load_weights: '{text}' holds the weights of a model without "
+            f"LoRA layers, but model '{model.name}' has "
+            f"{len(model_lora_paths)} (e.g. '{model_lora_paths[0]}'). Load "
+            "the base weights before `apply_lora`. Nothing was changed."
+        )
+
+
+def _lora_groups(path):
+    """The LoRA layers' group paths in a `.weights.h5` file (or None)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            names = []
+            handle.visit(names.append)
+    except OSError:
+        return None  # Keras reports unreadable files itself.
+    suffix = "/base_layer"
+    return [n[: -len(suffix)] for n in names if n.endswith(suffix)]
 
 
 # Model.quantize -----------------------------------------------------------

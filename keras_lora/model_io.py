@@ -19,7 +19,8 @@ compiles the adapted model with them and a fresh optimizer.
 
 `save_model` / `load_model` are the explicit entry points; with keras-lora
 imported, `model.save`, `keras.saving.load_model`, `ModelCheckpoint` and
-`model.load_weights` reach the same code (see `keras_lora.keras_hooks`).
+`model.load_weights` reach this code or are checked against it (see
+`keras_lora.keras_hooks`).
 """
 
 import contextlib
@@ -259,57 +260,6 @@ def read_model(filepath, custom_objects=None, compile=True, safe_mode=True):
         with keras.saving.custom_object_scope(custom_objects or {}):
             model.compile(**keras.saving.deserialize_keras_object(compile_config))
     return model
-
-
-def check_weights_fit(model, filepath, model_lora_paths):
-    """Refuses `load_weights` between LoRA and non-LoRA models up front.
-
-    Raises:
-        ValueError: if `filepath` holds LoRA weights and `model` has no LoRA
-            layers, or the reverse; nothing is assigned.
-    """
-    text = str(filepath)
-    if text.endswith(".keras") and holds_adapter(filepath):
-        raise ValueError(
-            f"load_weights: '{text}' is a keras-lora model file (the base "
-            "model plus an adapter). Load it with `keras.saving.load_model` "
-            "(keras-lora imported), or save the adapter with `save_adapter` "
-            f"and load it onto model '{model.name}' with `load_adapter`. "
-            "Nothing was changed."
-        )
-    file_lora = _lora_groups(text) if text.endswith(".weights.h5") else None
-    if file_lora is None:
-        return
-    if file_lora and not model_lora_paths:
-        raise ValueError(
-            f"load_weights: '{text}' holds the weights of a model with "
-            f"{len(file_lora)} LoRA layers (e.g. '{file_lora[0]}'), but model "
-            f"'{model.name}' has none. Apply the same LoRA first "
-            "(`apply_lora(model, ...)` with the same arguments) and then "
-            "load the weights, or use `save_adapter` / `load_adapter`, "
-            "which apply it for you. Nothing was changed."
-        )
-    if model_lora_paths and not file_lora:
-        raise ValueError(
-            f"load_weights: '{text}' holds the weights of a model without "
-            f"LoRA layers, but model '{model.name}' has "
-            f"{len(model_lora_paths)} (e.g. '{model_lora_paths[0]}'). Load "
-            "the base weights before `apply_lora`. Nothing was changed."
-        )
-
-
-def _lora_groups(path):
-    """The LoRA layers' group paths in a `.weights.h5` file (or None)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as handle:
-            names = []
-            handle.visit(names.append)
-    except OSError:
-        return None  # Keras reports unreadable files itself.
-    suffix = "/base_layer"
-    return [n[: -len(suffix)] for n in names if n.endswith(suffix)]
 
 
 def _adapter_bytes(source, probe=False):
