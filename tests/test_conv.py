@@ -312,3 +312,33 @@ def test_conv1d_outputs_equal_peft_on_the_same_weights():
     expected = _peft_outputs(theirs, layer, np.ascontiguousarray(x.transpose(0, 2, 1)))
     np.testing.assert_allclose(to_np(layer(x)), expected.transpose(0, 2, 1),
                                rtol=1e-4, atol=1e-5)
+
+
+def mixed_model():
+    ids = keras.Input((4,), dtype="int32")
+    tokens = keras.layers.Embedding(11, 6, name="token_embedding")(ids)
+    image = keras.Input((8, 8, 3))
+    features = keras.layers.Conv2D(4, 3, name="conv")(image)
+    pooled = keras.layers.Concatenate()([
+        keras.layers.GlobalAveragePooling1D()(tokens),
+        keras.layers.GlobalAveragePooling2D()(features),
+    ])
+    return keras.Model([ids, image], keras.layers.Dense(4, name="head")(pooled))
+
+
+def test_clone_keras_save_and_in_place_merge_keep_outputs(tmp_path):
+    base = mixed_model()
+    model = keras_lora.clone_with_lora(base, rank=2, targets="all")
+    assert not keras_lora.lora_layers(base)
+    randomize(model)
+    inputs = [np.array([[1, 2, 3, 4], [5, 6, 7, 10]]), images()]
+    expected = to_np(model(inputs))
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.get_layer("conv"), LoRAConv2D)
+    np.testing.assert_allclose(to_np(loaded(inputs)), expected, rtol=1e-5, atol=1e-6)
+    merged = keras_lora.merge_lora(model, in_place=True)
+    assert type(merged.get_layer("conv")) is keras.layers.Conv2D
+    assert type(merged.get_layer("token_embedding")) is keras.layers.Embedding
+    np.testing.assert_allclose(to_np(merged(inputs)), expected, rtol=1e-4, atol=1e-5)
