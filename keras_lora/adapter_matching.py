@@ -17,10 +17,45 @@ from keras_lora.layers import LoRALayer
 from keras_lora.layers import lora_class_for
 
 
-def record_of(layer):
-    """The per-layer header record `save_adapter` writes for `layer`."""
+class AdapterView:
+    """One named adapter of a LoRA layer, seen as a single-adapter layer.
+
+    Adapter files hold one adapter; matching a file against a model looks
+    at that adapter of each LoRA layer through this view (`rank`, `alpha`,
+    `lora_a`, ... of the adapter; `base_layer`, `kernel`, `train_bias`,
+    `merged` of the layer).
+    """
+
+    def __init__(self, layer, adapter_name):
+        self.layer = layer
+        self.adapter = layer.adapters[adapter_name]
+
+    rank = property(lambda self: self.adapter.rank)
+    alpha = property(lambda self: self.adapter.alpha)
+    scaling = property(lambda self: self.adapter.scaling)
+    use_rslora = property(lambda self: self.adapter.use_rslora)
+    dropout = property(lambda self: self.adapter.dropout)
+    lora_a = property(lambda self: self.adapter.lora_a)
+    lora_b = property(lambda self: self.adapter.lora_b)
+    base_layer = property(lambda self: self.layer.base_layer)
+    kernel = property(lambda self: self.layer.kernel)
+    train_bias = property(lambda self: self.layer.train_bias)
+    merged = property(lambda self: self.layer.merged)
+    class_name = property(lambda self: type(self.layer).__name__)
+
+
+def views_of(layers, adapter_name):
+    """`{path: AdapterView}` of the LoRA layers that hold `adapter_name`."""
     return {
-        "class": type(layer).__name__,
+        path: AdapterView(layer, adapter_name)
+        for path, layer in layers.items() if adapter_name in layer.adapters
+    }
+
+
+def record_of(layer):
+    """The per-layer header record `save_adapter` writes for a view."""
+    return {
+        "class": layer.class_name,
         "base_class": type(layer.base_layer).__name__,
         "rank": layer.rank,
         "alpha": layer.alpha,
@@ -42,7 +77,7 @@ def weights_by_key(model, adapted):
     base model, a layer about to be adapted yields the same key for its bias.
     Also returns `{key: owner path}`.
     """
-    adapted_ids = {id(layer) for layer in adapted.values()}
+    adapted_ids = {id(getattr(v, "layer", v)) for v in adapted.values()}
     found, owners = {}, {}
     entries = model_walk.walk(
         model, descend_into=lambda layer: id(layer) not in adapted_ids
@@ -68,8 +103,10 @@ def trained_extras(model, adapted):
     """The trainable non-adapter weights as float32 arrays, and the paths
     of the fully trainable layers owning them (LoRA biases excluded)."""
     adapter_ids = {
-        id(getattr(layer, name))
-        for layer in adapted.values() for name in ("lora_a", "lora_b")
+        id(variable)
+        for view in adapted.values()
+        for adapter in view.layer.adapters.values()
+        for variable in adapter.variables
     }
     trained = [v for v in model.trainable_weights if id(v) not in adapter_ids]
     if not trained:
@@ -217,9 +254,9 @@ def check_adapted_model(adapted, adapter):
                 f"{_sample(list(adapted))}). Nothing was changed."
             )
         at = f"{where}: layer '{record.path}'"
-        if type(layer).__name__ != record.lora_class:
+        if layer.class_name != record.lora_class:
             raise ValueError(
-                f"{at} is a {type(layer).__name__} in the model but a "
+                f"{at} is a {layer.class_name} in the model but a "
                 f"{record.lora_class} in the file. Nothing was changed."
             )
         if layer.rank != record.rank:
@@ -321,7 +358,7 @@ def fits_in_place(adapted, adapter):
     for path, record in adapter.layers.items():
         layer = adapted[path]
         if (
-            type(layer).__name__ != record.lora_class
+            layer.class_name != record.lora_class
             or layer.rank != record.rank
             or layer.alpha != record.alpha
             or layer.use_rslora != record.use_rslora

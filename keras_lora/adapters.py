@@ -11,16 +11,19 @@ import numpy as np
 from keras import ops
 
 from keras_lora import adapter_matching as matching
+from keras_lora import multi
 from keras_lora import surgery
 from keras_lora import trained_weights
 from keras_lora.adapter_file import AdapterFile  # noqa: F401  (public type)
 from keras_lora.adapter_file import read_adapter
 from keras_lora.adapter_file import write_adapter_file
+from keras_lora.layers.adapter import DEFAULT_ADAPTER
+from keras_lora.layers.adapter import validate_adapter_name
 from keras_lora.transaction import Transaction
 
 
-def save_adapter(model, path):
-    """Writes the model's LoRA adapters and other trained weights to a file.
+def save_adapter(model, path, adapter_name=None):
+    """Writes one of the model's adapters and its other trained weights to a file.
 
     The write is atomic: the file is written under a temporary name in the
     same directory and renamed over `path`, so an interrupted save leaves
@@ -33,16 +36,22 @@ def save_adapter(model, path):
     header (see `keras_lora.adapter_file`); its size is the tensor bytes
     plus a header of a few hundred bytes per layer.
 
+    A file holds one adapter (PEFT's habit): with several adapters in the
+    model, name the one to save; layers without it are not in the file.
+
     Args:
         model: a Keras model with LoRA layers.
         path: the file to write (conventionally `*.safetensors`). Its parent
             directory must exist.
+        adapter_name: the adapter to save; `None` means the model's only
+            adapter, or its only active one.
 
     Returns:
         The absolute path written.
 
     Raises:
-        ValueError: if the model has no LoRA layers, an adapter or trained
+        ValueError: if the model has no LoRA layers, `adapter_name` is
+            unknown or needed but not given, an adapter or trained
             weight holds NaN or infinite values, or a trainable weight
             belongs to no layer that can be re-created (the model itself,
             or a layer holding LoRA layers).
@@ -55,12 +64,14 @@ def save_adapter(model, path):
     >>> save_adapter(model, "/tmp/task.safetensors")  # doctest: +SKIP
     """
     surgery.check_model(model)
-    layers = surgery.lora_layers(model)
-    if not layers:
+    all_layers = surgery.lora_layers(model)
+    if not all_layers:
         raise ValueError(
             f"save_adapter: model '{model.name}' has no LoRA layers. Use "
             "`apply_lora` first."
         )
+    name = _chosen_adapter(model, adapter_name, "save_adapter")
+    layers = matching.views_of(all_layers, name)
     tensors, records = {}, {}
     for layer_path, layer in layers.items():
         for name in ("lora_a", "lora_b"):
@@ -86,7 +97,7 @@ def save_adapter(model, path):
     )
 
 
-def load_adapter(model, path):
+def load_adapter(model, path, adapter_name=None):
     """Loads an adapter file into a model; the model then is the file's model.
 
     - A base model (no LoRA layers): LoRA is applied exactly as the file
@@ -115,9 +126,17 @@ def load_adapter(model, path):
     shapes) and the model is exactly as before. Files load on every
     backend, whichever backend saved them.
 
+    With `adapter_name`, the file is the adapter of that name: its values
+    replace that adapter's in place (when it has the file's layers, ranks
+    and options; else that adapter is replaced), or it is added under that
+    name, not active until `set_adapter` (as in PEFT). Other adapters are
+    left as they are.
+
     Args:
         model: a built Keras model, base or adapted.
         path: an adapter file written by `save_adapter`.
+        adapter_name: the adapter to load into; `None` means the model's
+            only adapter (`"default"` on a base model).
 
     Returns:
         `model`, with the adapter loaded.
@@ -133,12 +152,61 @@ def load_adapter(model, path):
     """
     surgery.check_model(model)
     adapter = matching.in_model_names(model, read_adapter(path))
-    adapted = surgery.lora_layers(model)
-    if adapted and matching.fits_in_place(adapted, adapter):
-        _load_in_place(model, adapted, adapter)
+    names = multi.list_adapters(model)
+    if adapter_name is None:
+        if len(names) > 1:
+            raise ValueError(
+                f"load_adapter('{adapter.path}'): model '{model.name}' has "
+                f"several adapters ({names}); pass adapter_name= to say which "
+                "to load into (or a new name to add). Nothing was changed."
+            )
+        adapter_name = names[0] if names else DEFAULT_ADAPTER
+    validate_adapter_name(adapter_name, "load_adapter: ")
+    layers = surgery.lora_layers(model)
+    views = matching.views_of(layers, adapter_name)
+    if views and matching.fits_in_place(views, adapter):
+        _load_in_place(model, views, adapter)
+    elif not names or names == [adapter_name]:
+        _load_replacing(model, views, adapter, adapter_name)
     else:
-        _load_replacing(model, adapted, adapter)
+        _load_as_named(model, adapter, adapter_name, replace=bool(views))
     return model
+
+
+def _chosen_adapter(model, adapter_name, who):
+    names = multi.list_adapters(model)
+    if adapter_name is None:
+        active = multi.active_adapters(model)
+        if len(names) == 1:
+            return names[0]
+        if len(active) == 1:
+            return active[0]
+        raise ValueError(
+            f"{who}: model '{model.name}' has adapters {names} ({active} "
+            "active); pass adapter_name= to say which one."
+        )
+    validate_adapter_name(adapter_name, f"{who}: ")
+    if adapter_name not in names:
+        raise ValueError(
+            f"{who}: model '{model.name}' has no adapter named "
+            f"{adapter_name!r}. Its adapters: {names}."
+        )
+    return adapter_name
+
+
+def _load_as_named(model, adapter, adapter_name, replace):
+    """Adds the file as adapter `adapter_name` (replacing one of that name)
+    beside the model's other adapters."""
+    arguments = matching.recorded_arguments(adapter)
+    arguments.pop("trainable")
+    with Transaction(model) as change:
+        if replace:
+            multi.delete_adapter(model, adapter_name)
+        multi.add_adapter(model, adapter_name, **arguments)
+        views = matching.views_of(surgery.lora_layers(model), adapter_name)
+        matching.check_adapted_model(views, adapter)
+        extras = matching.check_extras(model, views, adapter)
+        _assign(change, model, views, adapter, extras)
 
 
 def _load_in_place(model, adapted, adapter):
@@ -149,14 +217,14 @@ def _load_in_place(model, adapted, adapter):
     with Transaction(model) as change:
         _assign(change, model, adapted, adapter, extras)
         surgery.freeze(
-            model, list(adapted.values()),
+            model, list(surgery.lora_layers(model).values()),
             [_layer_at(model, path) for path in adapter.trainable_layers],
         )
     if {id(v) for v in model.trainable_weights} != before:
         surgery.recompile(model)
 
 
-def _load_replacing(model, adapted, adapter):
+def _load_replacing(model, adapted, adapter, adapter_name):
     """Takes out the model's LoRA layers (if any), then applies the file's.
 
     Runs in a `Transaction`: any failure puts the old adapter back.
@@ -173,10 +241,13 @@ def _load_replacing(model, adapted, adapter):
             for parent in entry.parents:
                 change.swap(parent, entry.layer, entry.layer.base_layer)
         matching.check_base_model(model, adapter)
-        plan = surgery.plan_lora(model, **matching.recorded_arguments(adapter))
+        plan = surgery.plan_lora(
+            model, adapter_name=adapter_name,
+            **matching.recorded_arguments(adapter),
+        )
         matching.check_plan(plan, adapter)
         surgery.execute_plan(plan, change)
-        adapted = surgery.lora_layers(model)
+        adapted = matching.views_of(surgery.lora_layers(model), adapter_name)
         matching.check_adapted_model(adapted, adapter)
         extras = matching.check_extras(model, adapted, adapter)
         _assign(change, model, adapted, adapter, extras)

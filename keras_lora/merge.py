@@ -143,6 +143,14 @@ def unmerge_adapters(model):
 def disable_adapters(model):
     """Turns every LoRA layer's low-rank path off: the model computes the base.
 
+    Takes effect at once, and returns a context manager that turns the
+    adapters back on when its block ends, as PEFT's `disable_adapter()`:
+
+    ```python
+    with keras_lora.disable_adapters(model):
+        base_outputs = model.predict(x)
+    ```
+
     Unlike `LoRALayer.disable_adapter()` on one layer, this also clears the
     model's traced `predict` / `fit` / `evaluate` (and keras-hub
     `generate`) functions, which would otherwise keep the adapter on JAX and
@@ -152,17 +160,35 @@ def disable_adapters(model):
         model: a Keras model with LoRA layers.
 
     Returns:
-        `model`.
+        A context manager whose `__enter__` returns `model` and whose
+        `__exit__` calls `enable_adapters(model)`.
 
     Example:
 
     >>> inputs = keras.Input((8,))
     >>> model = keras.Model(inputs, LoRADense(4, rank=2)(inputs))
-    >>> model = disable_adapters(model)
-    >>> [layer.adapter_enabled for layer in lora_layers(model).values()]
+    >>> with disable_adapters(model):
+    ...     print([layer.adapter_enabled for layer in lora_layers(model).values()])
     [False]
+    >>> [layer.adapter_enabled for layer in lora_layers(model).values()]
+    [True]
     """
-    return _on_every_lora_layer(model, "disable_adapter")
+    _on_every_lora_layer(model, "disable_adapter")
+    return _AdaptersDisabled(model)
+
+
+class _AdaptersDisabled:
+    """Re-enables a model's adapters when a `with` block ends."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exception):
+        enable_adapters(self.model)
+        return False
 
 
 def enable_adapters(model):

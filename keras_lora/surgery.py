@@ -19,6 +19,7 @@ from keras_lora.layers import LoRALayer
 from keras_lora.layers import is_default_target
 from keras_lora.layers import lora_class_for
 from keras_lora.layers import supported_types
+from keras_lora.layers.adapter import validate_adapter_name
 from keras_lora.layers.base import register_owner
 from keras_lora.transaction import Transaction
 
@@ -71,6 +72,7 @@ def apply_lora(
     trainable=None,
     lora_a_initializer="he_uniform",
     lora_b_initializer="zeros",
+    adapter_name="default",
 ):
     """Adapts a built model with LoRA, in place, and returns it.
 
@@ -116,6 +118,8 @@ def apply_lora(
             example a new classification head); they are not adapted.
         lora_a_initializer: initializer of every `lora_a`.
         lora_b_initializer: initializer of every `lora_b` (zeros).
+        adapter_name: the name of the adapter created (a Python
+            identifier); add more with `keras_lora.add_adapter`.
 
     Returns:
         `model`, adapted.
@@ -143,7 +147,7 @@ def apply_lora(
         dropout=dropout, use_rslora=use_rslora, rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern, train_bias=train_bias,
         trainable=trainable, lora_a_initializer=lora_a_initializer,
-        lora_b_initializer=lora_b_initializer,
+        lora_b_initializer=lora_b_initializer, adapter_name=adapter_name,
     )
     with Transaction(model) as change:
         execute_plan(plan, change)
@@ -155,7 +159,8 @@ def apply_lora(
 def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
               dropout=0.0, use_rslora=False, rank_pattern=None,
               alpha_pattern=None, train_bias=False, trainable=None,
-              lora_a_initializer="he_uniform", lora_b_initializer="zeros"):
+              lora_a_initializer="he_uniform", lora_b_initializer="zeros",
+              adapter_name="default"):
     """Validates an `apply_lora` request and lists what it would adapt.
 
     Nothing is changed. Takes `apply_lora`'s arguments.
@@ -164,6 +169,7 @@ def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
         A `LoraPlan`.
     """
     check_model(model)
+    validate_adapter_name(adapter_name, "apply_lora: ")
     lora_config.validate_rank(rank)
     lora_config.validate_alpha(alpha, rank)
     lora_config.validate_dropout(dropout)
@@ -256,7 +262,7 @@ def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
         )
     options = dict(
         dropout=dropout, use_rslora=bool(use_rslora),
-        train_bias=bool(train_bias), **initializers,
+        train_bias=bool(train_bias), adapter_name=adapter_name, **initializers,
     )
     return LoraPlan(
         model, plans, [e.layer for e in trainable_layers], options, narrow

@@ -37,8 +37,19 @@ class Transaction:
         self._assigned = []
         self._layer_flags = []
         self._variable_flags = []
+        self._outer = None
 
     def __enter__(self):
+        # A transaction opened inside another one on the same model (e.g.
+        # `load_adapter` calling `add_adapter`) records into the outer one,
+        # which alone undoes everything if anything fails.
+        for open_transaction in reversed(_OPEN):
+            if open_transaction.model is self.model:
+                self._outer = open_transaction
+                break
+        _OPEN.append(self)
+        if self._outer is not None:
+            return self
         self._layer_flags.append((self.model, self.model.trainable))
         for entry in model_walk.walk(self.model).values():
             self._layer_flags.append((entry.layer, entry.layer.trainable))
@@ -48,18 +59,23 @@ class Transaction:
 
     def swap(self, parent, old, new):
         """Makes `parent` use `new` wherever it used `old` (undone on error)."""
+        if self._outer is not None:
+            return self._outer.swap(parent, old, new)
         layer_swap.replace_layer(parent, old, new)
         self._swaps.append((parent, old, new))
 
     def assign(self, variable, value):
         """Assigns `value` to `variable`, keeping the old value for undo."""
+        if self._outer is not None:
+            return self._outer.assign(variable, value)
         self._assigned.append(
             (variable, np.array(ops.convert_to_numpy(variable.value)))
         )
         variable.assign(value)
 
     def __exit__(self, error_type, error, traceback):
-        if error_type is None:
+        _OPEN.remove(self)
+        if error_type is None or self._outer is not None:
             return False
         for variable, old in reversed(self._assigned):
             variable.assign(old)
@@ -72,6 +88,10 @@ class Transaction:
         for variable, flag in self._variable_flags:
             variable.trainable = flag
         return False
+
+
+# The transactions open now, innermost last.
+_OPEN = []
 
 
 def _unique(variables):

@@ -492,8 +492,8 @@ CORRUPTIONS = [
     ),
     (
         "unknown_layer_class",
-        lambda t, d: (t, _with_layer(d, "head", **{"class": "LoRAConv2D"})),
-        "layer 'head': unknown LoRA class 'LoRAConv2D'",
+        lambda t, d: (t, _with_layer(d, "head", **{"class": "LoRAMystery"})),
+        "layer 'head': unknown LoRA class 'LoRAMystery'",
     ),
     (
         "rank_disagrees_with_shapes",

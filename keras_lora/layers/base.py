@@ -10,37 +10,55 @@ from keras import ops
 
 from keras_lora import config as lora_config
 from keras_lora.distribution import adapter_layout_scope
+from keras_lora.layers.adapter import DEFAULT_ADAPTER
+from keras_lora.layers.adapter import Adapter
+from keras_lora.layers.adapter import AdapterSet
+from keras_lora.layers.adapter import AdapterSpec
+from keras_lora.layers.adapter import validate_adapter_name
 
 
 class LoRALayer(keras.layers.Layer):
-    """Base class of LoRA layers: a frozen base layer plus a low-rank update.
+    """Base class of LoRA layers: a frozen base layer plus named low-rank updates.
 
-    A LoRA layer holds a built (or buildable) base layer and computes
+    A LoRA layer holds a built (or buildable) base layer and any number of
+    named adapters (`layer.adapters`, each an `Adapter` with its own
+    `lora_a`, `lora_b`, rank, alpha, scaling and dropout), of which the
+    active ones (`layer.active_adapters`) are applied:
 
-    `activation(base_preactivation(x) + scaling * (dropout(x) · A) · B)`
+    `activation(base_preactivation(x) + Σ_active scaling · (dropout(x)·A)·B)`
 
-    without ever forming `W + A·B`: the update is applied in factored form,
+    without ever forming `W + A·B`: each update is applied in factored form,
     so a training step needs no gradient with respect to the full kernel.
     Subclasses describe the kernel's geometry (which axes are contracted and
     which are free) and how the base and the low-rank path are computed.
 
     The base layer's variables are used as they are (never copied) and are
-    frozen; only `lora_a` and `lora_b` (and, with `train_bias=True`, the
-    bias) are trainable. Adapters are float32 under every dtype policy.
-    `lora_a` is stored rank-first, `(rank,) + contracted axes` (PEFT's
-    `lora_A.weight` layout); `lora_b` is `(rank,) + free axes`.
+    frozen; only the active adapters (and, with `train_bias=True`, the bias)
+    are trainable. Adapters are float32 under every dtype policy. `lora_a`
+    is stored rank-first, `(rank,) + contracted axes` (PEFT's
+    `lora_A.weight` layout); `lora_b` is `(rank,) + free axes`. The first
+    adapter's variables read `.../<layer>/lora_a`; any other adapter's
+    `.../<layer>/<adapter name>/lora_a`. `layer.lora_a`, `layer.rank` and the
+    other single-adapter attributes mean the adapter named `"default"` (or
+    the first one).
 
     Args:
         base_layer: the layer to adapt, an instance of `base_layer_class`.
-        rank: positive int, the rank `r` of the update.
-        alpha: positive float, the LoRA alpha; defaults to `rank`.
-        dropout: float in [0, 1), dropout on the LoRA path's input.
+        rank: positive int, the rank `r` of the first adapter.
+        alpha: positive float, its LoRA alpha; defaults to `rank`.
+        dropout: float in [0, 1), dropout on its LoRA path's input.
         use_rslora: use `alpha / sqrt(rank)` as scaling (rank-stabilized
             LoRA) instead of `alpha / rank`.
         lora_a_initializer: initializer of `lora_a`, He-uniform by default.
         lora_b_initializer: initializer of `lora_b`, zeros by default, so
             a fresh adapter leaves the base output unchanged.
         train_bias: whether the base layer's bias stays trainable.
+        adapter_name: the first adapter's name (`"default"`).
+        extra_adapters: configs (`AdapterSpec.get_config()`) of further
+            adapters, created after the first (used by `from_config`).
+        active_adapters: names of the adapters to apply (default: the
+            first). Names this layer lacks are allowed and contribute
+            nothing (an adapter may cover a subset of a model's layers).
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`).
     """
 
@@ -58,40 +76,54 @@ class LoRALayer(keras.layers.Layer):
         train_bias=False,
         adapter_enabled=True,
         merged=False,
+        adapter_name=DEFAULT_ADAPTER,
+        extra_adapters=None,
+        active_adapters=None,
         **kwargs,
     ):
         # Validate everything before touching `base_layer`.
         where = f"{type(self).__name__}: "
         self._check_base_layer(base_layer)
         where = f"{type(self).__name__} for layer '{base_layer.name}': "
-        rank = lora_config.validate_rank(rank, where)
-        alpha = lora_config.validate_alpha(alpha, rank, where)
-        dropout = lora_config.validate_dropout(dropout, where)
-        for flag, value in (("use_rslora", use_rslora), ("train_bias", train_bias),
+        specs = [AdapterSpec.validated(
+            adapter_name, rank, alpha, use_rslora, dropout,
+            lora_a_initializer, lora_b_initializer, where=where,
+        )]
+        for config in extra_adapters or ():
+            if isinstance(config, AdapterSpec):
+                specs.append(config)
+            else:
+                specs.append(AdapterSpec.validated(**config, where=where))
+        names = [spec.name for spec in specs]
+        duplicate = sorted({n for n in names if names.count(n) > 1})
+        if duplicate:
+            raise ValueError(
+                f"{where}adapter names must be unique. Received: "
+                f"{duplicate[0]!r} twice"
+            )
+        for flag, value in (("train_bias", train_bias),
                             ("adapter_enabled", adapter_enabled),
                             ("merged", merged)):
             lora_config.validate_bool(value, flag, where)
-        lora_config.validate_scaling(rank, alpha, use_rslora, where)
-        lora_a_initializer = initializers.get(lora_a_initializer)
-        lora_b_initializer = initializers.get(lora_b_initializer)
+        active = tuple(names[:1] if active_adapters is None else active_adapters)
+        for name in active:
+            validate_adapter_name(name, where)
         kwargs.setdefault("name", base_layer.name)
         kwargs.setdefault("dtype", base_layer.dtype_policy)
         super().__init__(**kwargs)
         self.base_layer = base_layer
-        self.rank = rank
-        self.alpha = alpha
-        self.dropout = dropout
-        self.use_rslora = bool(use_rslora)
-        self.lora_a_initializer = lora_a_initializer
-        self.lora_b_initializer = lora_b_initializer
+        self._specs = specs
+        self._adapters = AdapterSet()
+        self.active_adapters = active
         self.train_bias = bool(train_bias)
         self.adapter_enabled = bool(adapter_enabled)
         self.merged = bool(merged)
+        # The adapters a merge folded in, to take the same ones out again.
+        self._merged_names = self._present(active) if merged else ()
         self.seed_generator = (
-            keras.random.SeedGenerator() if self.dropout > 0 else None
+            keras.random.SeedGenerator()
+            if any(spec.dropout > 0 for spec in specs) else None
         )
-        self.lora_a = None
-        self.lora_b = None
         self._freeze_base()
         if base_layer.built:
             self._create_adapters()
@@ -207,6 +239,79 @@ class LoRALayer(keras.layers.Layer):
         d_in, d_out = math.prod(contracted), math.prod(free)
         return (d_in, d_out) if rank > min(d_in, d_out) else None
 
+    # Adapters ---------------------------------------------------------------
+
+    @property
+    def adapters(self):
+        """`{name: Adapter}` of this layer, in creation order."""
+        return self._adapters
+
+    @property
+    def adapter_specs(self):
+        """The `AdapterSpec` of every adapter, in creation order."""
+        return list(self._specs)
+
+    def _primary_spec(self):
+        names = [spec.name for spec in self._specs]
+        index = names.index(DEFAULT_ADAPTER) if DEFAULT_ADAPTER in names else 0
+        return self._specs[index]
+
+    def _primary(self):
+        return self._adapters.get(self._primary_spec().name)
+
+    lora_a = property(
+        lambda self: getattr(self._primary(), "lora_a", None),
+        doc="`lora_a` of the adapter named \"default\" (or the first one).",
+    )
+    lora_b = property(
+        lambda self: getattr(self._primary(), "lora_b", None),
+        doc="`lora_b` of the adapter named \"default\" (or the first one).",
+    )
+    rank = property(lambda self: self._primary_spec().rank)
+    alpha = property(lambda self: self._primary_spec().alpha)
+    dropout = property(lambda self: self._primary_spec().dropout)
+    use_rslora = property(lambda self: self._primary_spec().use_rslora)
+    lora_a_initializer = property(
+        lambda self: self._primary_spec().lora_a_initializer
+    )
+    lora_b_initializer = property(
+        lambda self: self._primary_spec().lora_b_initializer
+    )
+
+    @property
+    def scaling(self):
+        """The factor applied to `A·B` of the first adapter."""
+        return self._primary_spec().scaling
+
+    def _present(self, names):
+        known = {spec.name for spec in self._specs}
+        return tuple(name for name in names if name in known)
+
+    def set_active_adapters(self, names):
+        """Applies the adapters `names` (those this layer has) from now on.
+
+        Only the active adapters are trainable. The traced functions of the
+        models this layer was adapted in are reset (see `disable_adapter`).
+
+        Args:
+            names: a list of adapter names.
+
+        Raises:
+            ValueError: while merged (unmerge first).
+        """
+        names = tuple(names)
+        for name in names:
+            validate_adapter_name(name, f"layer '{self.name}': ")
+        if self.merged and self._present(names) != self._merged_names:
+            raise ValueError(
+                f"Layer '{self.name}' has adapters {list(self._merged_names)} "
+                "merged into its kernel; call `unmerge()` before switching "
+                f"adapters. Received: {list(names)}"
+            )
+        self.active_adapters = names
+        self._set_adapter_flags()
+        _reset_owner_functions(self)
+
     # State ----------------------------------------------------------------
 
     def _freeze_base(self):
@@ -219,9 +324,15 @@ class LoRALayer(keras.layers.Layer):
         if self.train_bias and self._trainable and bias is not None:
             bias.trainable = True
 
+    def _set_adapter_flags(self):
+        active = set(self.active_adapters)
+        for adapter in self._adapters.values():
+            for variable in adapter.variables:
+                variable.trainable = self._trainable and adapter.name in active
+
     @property
     def trainable(self):
-        """Whether the adapters (and a `train_bias` bias) are trainable.
+        """Whether the active adapters (and a `train_bias` bias) train.
 
         Setting it never unfreezes the base kernel: Keras's own setter would
         cascade to the base layer, so `model.trainable = True` after freezing
@@ -233,19 +344,22 @@ class LoRALayer(keras.layers.Layer):
     def trainable(self, value):
         self._trainable = bool(value)
         # Keras may set `trainable` before `__init__` has stored anything.
-        for variable in (
-            getattr(self, "lora_a", None),
-            getattr(self, "lora_b", None),
-        ):
-            if variable is not None:
-                variable.trainable = self._trainable
+        if getattr(self, "_adapters", None) is not None:
+            self._set_adapter_flags()
         if getattr(self, "base_layer", None) is not None:
             self._freeze_base()
 
     def _create_adapters(self):
+        for spec in self._specs:
+            if spec.name not in self._adapters:
+                self._create_adapter(spec, first=spec is self._specs[0])
+        self._set_adapter_flags()
+
+    def _create_adapter(self, spec, first):
         contracted, free = self._kernel_split(self.base_layer)
         # Create the adapters beside the base kernel so their paths read
-        # ".../<layer>/lora_a" and a LayoutMap sees where they belong.
+        # ".../<layer>/lora_a" (".../<layer>/<name>/lora_a" for any other
+        # adapter) and a LayoutMap sees where they belong.
         kernel_path = self.kernel.path
         parts = kernel_path.split("/")[:-2]
         scope = (
@@ -253,40 +367,46 @@ class LoRALayer(keras.layers.Layer):
             if parts
             else _NullScope()
         )
+        inner = _NullScope() if first else keras.name_scope(spec.name)
         # Under a keras.distribution, A and B take layouts derived from the
         # kernel's, whatever a LayoutMap written for the base would say.
         layouts = adapter_layout_scope(
             self.kernel, *self._kernel_axes(self.base_layer)
         )
-        with scope, layouts:
-            self.lora_a = self.add_weight(
+        with scope, inner, layouts:
+            lora_a = self.add_weight(
                 name="lora_a",
-                shape=(self.rank,) + tuple(contracted),
-                initializer=_RankFirst(self.lora_a_initializer),
+                shape=(spec.rank,) + tuple(contracted),
+                initializer=_RankFirst(spec.lora_a_initializer),
                 dtype="float32",
                 trainable=True,
             )
-            self.lora_b = self.add_weight(
+            lora_b = self.add_weight(
                 name="lora_b",
-                shape=(self.rank,) + tuple(free),
-                initializer=self.lora_b_initializer,
+                shape=(spec.rank,) + tuple(free),
+                initializer=spec.lora_b_initializer,
                 dtype="float32",
                 trainable=True,
             )
+        self._adapters.add(Adapter(spec, lora_a, lora_b))
 
     def _check_initial_values(self):
         """Refuses an initializer that drew NaN or infinite adapters (run
         eagerly, where the layer adopts a built base: a drop-in layer may be
         built inside a symbolic trace, where values cannot be read)."""
-        for variable, initializer in ((self.lora_a, self.lora_a_initializer),
-                                      (self.lora_b, self.lora_b_initializer)):
-            if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(variable)))):
-                raise ValueError(
-                    f"{type(self).__name__} for layer '{self.name}': the "
-                    f"initial {variable.name} holds NaN or infinite values. "
-                    f"Received: {variable.name}_initializer="
-                    f"{initializers.serialize(initializer)!r}"
-                )
+        for adapter in self._adapters.values():
+            for variable, initializer in (
+                (adapter.lora_a, adapter.spec.lora_a_initializer),
+                (adapter.lora_b, adapter.spec.lora_b_initializer),
+            ):
+                if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(variable)))):
+                    raise ValueError(
+                        f"{type(self).__name__} for layer '{self.name}': the "
+                        f"initial {variable.name} of adapter '{adapter.name}' "
+                        "holds NaN or infinite values. Received: "
+                        f"{variable.name}_initializer="
+                        f"{initializers.serialize(initializer)!r}"
+                    )
 
     def build(self, input_shape):
         if not self.base_layer.built:
@@ -310,11 +430,6 @@ class LoRALayer(keras.layers.Layer):
     # Compute --------------------------------------------------------------
 
     @property
-    def scaling(self):
-        """The factor applied to `A·B`."""
-        return lora_config.scaling_for(self.rank, self.alpha, self.use_rslora)
-
-    @property
     def kernel(self):
         """The base layer's (frozen) kernel variable (see `base_kernel`)."""
         return self.base_kernel(self.base_layer)
@@ -322,7 +437,7 @@ class LoRALayer(keras.layers.Layer):
     @property
     def bias(self):
         """The base layer's bias variable, or `None`."""
-        return self.base_layer.bias
+        return getattr(self.base_layer, "bias", None)
 
     def call(self, inputs, training=None):
         outputs = self._base_preactivation(inputs)
@@ -336,18 +451,25 @@ class LoRALayer(keras.layers.Layer):
     def _lora_terms(self, inputs, training):
         """`(lora input, A, B, scaling)` for each update to add in `call`.
 
-        Nothing while the adapter is disabled or merged. `A` and `B` are in
-        the compute dtype of `inputs`. Layer types whose input the update
-        does not take as is (an `Embedding`'s token ids) override
-        `_lora_input`.
+        One per active adapter this layer has; nothing while adapters are
+        disabled or merged. `A` and `B` are in the compute dtype of
+        `inputs`. Layer types whose input the update does not take as is
+        (an `Embedding`'s token ids) override `_lora_input`.
         """
         if not self.adapter_enabled or self.merged:
             return []
-        x = self._lora_input(inputs, training, self.dropout)
-        reference = x if _is_float(x) else None
-        lora_a = self._in_compute_dtype(self.lora_a, reference)
-        lora_b = self._in_compute_dtype(self.lora_b, reference)
-        return [(x, lora_a, lora_b, self.scaling)]
+        terms = []
+        for name in self._present(self.active_adapters):
+            adapter = self._adapters[name]
+            x = self._lora_input(inputs, training, adapter.dropout)
+            reference = x if _is_float(x) else None
+            terms.append((
+                x,
+                self._in_compute_dtype(adapter.lora_a, reference),
+                self._in_compute_dtype(adapter.lora_b, reference),
+                adapter.scaling,
+            ))
+        return terms
 
     def _lora_input(self, inputs, training, dropout):
         """The LoRA path's input: `inputs` with dropout while training."""
@@ -372,16 +494,33 @@ class LoRALayer(keras.layers.Layer):
 
     # Merging --------------------------------------------------------------
 
-    def delta_kernel(self):
-        """Returns `scaling · A·B` in the base kernel's shape, as float32."""
-        delta = self._delta_kernel(
-            ops.convert_to_tensor(self.lora_a.value),
-            ops.convert_to_tensor(self.lora_b.value),
+    def delta_kernel(self, adapter_names=None):
+        """Returns `Σ scaling · A·B` in the base kernel's shape, as float32.
+
+        Args:
+            adapter_names: the adapters to sum; default: the active ones
+                this layer has.
+        """
+        names = self._present(
+            self.active_adapters if adapter_names is None else adapter_names
         )
-        return ops.multiply(delta, self.scaling)
+        delta = None
+        for name in names:
+            adapter = self._adapters[name]
+            term = ops.multiply(
+                self._delta_kernel(
+                    ops.convert_to_tensor(adapter.lora_a.value),
+                    ops.convert_to_tensor(adapter.lora_b.value),
+                ),
+                adapter.scaling,
+            )
+            delta = term if delta is None else ops.add(delta, term)
+        if delta is None:
+            return ops.zeros(tuple(self.kernel.shape), "float32")
+        return delta
 
     def merged_kernel(self):
-        """Returns `W + scaling · A·B` in the kernel's dtype (for export).
+        """Returns `W + Σ_active scaling · A·B` in the kernel's dtype.
 
         Raises:
             ValueError: if the update, or the merged kernel in the kernel's
@@ -410,12 +549,12 @@ class LoRALayer(keras.layers.Layer):
         return delta
 
     def merge(self):
-        """Folds `scaling · A·B` into the base kernel in place.
+        """Folds the active adapters' `scaling · A·B` into the kernel in place.
 
         While merged, `call` skips the low-rank path, so inference costs what
         the base layer costs. The kernel is shared with the base model, which
-        sees the merged kernel too. `unmerge()` subtracts the update again,
-        which restores the kernel up to float rounding (a few ulps).
+        sees the merged kernel too. `unmerge()` subtracts the same updates
+        again, which restores the kernel up to float rounding (a few ulps).
         """
         if self.merged:
             return
@@ -426,17 +565,21 @@ class LoRALayer(keras.layers.Layer):
                 "`enable_adapter()` first."
             )
         self.kernel.assign(self.merged_kernel())
+        self._merged_names = self._present(self.active_adapters)
         self.merged = True
 
     def unmerge(self):
-        """Subtracts `scaling · A·B` from the kernel, undoing `merge()`."""
+        """Subtracts the merged updates from the kernel, undoing `merge()`."""
         if not self.merged:
             return
         kernel = self.kernel
         value = ops.convert_to_tensor(kernel.value)
-        restored = ops.subtract(ops.cast(value, "float32"), self.delta_kernel())
+        restored = ops.subtract(
+            ops.cast(value, "float32"), self.delta_kernel(self._merged_names)
+        )
         kernel.assign(ops.cast(restored, value.dtype))
         self.merged = False
+        self._merged_names = ()
 
     def enable_adapter(self):
         """Turns the low-rank path on (the default); see `disable_adapter`."""
@@ -460,26 +603,29 @@ class LoRALayer(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
+        primary = self._specs[0].get_config()
         config.update(
             {
                 "base_layer": keras.saving.serialize_keras_object(
                     self.base_layer
                 ),
-                "rank": self.rank,
-                "alpha": self.alpha,
-                "dropout": self.dropout,
-                "use_rslora": self.use_rslora,
-                "lora_a_initializer": initializers.serialize(
-                    self.lora_a_initializer
-                ),
-                "lora_b_initializer": initializers.serialize(
-                    self.lora_b_initializer
-                ),
+                "rank": primary["rank"],
+                "alpha": primary["alpha"],
+                "dropout": primary["dropout"],
+                "use_rslora": primary["use_rslora"],
+                "lora_a_initializer": primary["lora_a_initializer"],
+                "lora_b_initializer": primary["lora_b_initializer"],
                 "train_bias": self.train_bias,
                 "adapter_enabled": self.adapter_enabled,
                 "merged": self.merged,
             }
         )
+        if len(self._specs) > 1 or primary["name"] != DEFAULT_ADAPTER or (
+            self.active_adapters != (primary["name"],)
+        ):
+            config["adapter_name"] = primary["name"]
+            config["extra_adapters"] = [s.get_config() for s in self._specs[1:]]
+            config["active_adapters"] = list(self.active_adapters)
         return config
 
     @classmethod
@@ -545,7 +691,10 @@ class _NullScope:
 
 
 # Arguments that belong to the wrapper itself, not to the base layer.
-_WRAPPER_ONLY = ("trainable", "adapter_enabled", "merged")
+_WRAPPER_ONLY = (
+    "trainable", "adapter_enabled", "merged", "adapter_name",
+    "extra_adapters", "active_adapters",
+)
 
 
 def base_from_arguments(base_class, base_layer, base_args, kwargs, who):
