@@ -4,6 +4,7 @@
 keras-lora inspect ADAPTER [--json]
 keras-lora merge MODEL.keras [ADAPTER] -o MERGED.keras
 keras-lora export MODEL.keras [ADAPTER] -o PATH [--format tf_saved_model]
+    [--custom-module MODULE]... [--input-signature JSON] [--overwrite]
 ```
 
 `MODEL.keras` is a base model (the adapter is applied to it) or a model
@@ -110,6 +111,21 @@ def _parser():
         "--format",
         default="tf_saved_model",
         help="tf_saved_model (default) or litert",
+    )
+    export.add_argument(
+        "--custom-module", action="append", dest="custom_modules",
+        metavar="MODULE", default=None,
+        help="module to import first, registering the model's custom "
+        "classes (repeatable)",
+    )
+    export.add_argument(
+        "--input-signature", default=None,
+        help='JSON, e.g. \'[{"shape": [null, 8], "dtype": "float32"}]\'',
+    )
+    export.add_argument(
+        "--overwrite", action="store_true",
+        help="replace whatever is at -o (by default only an earlier artifact "
+        "of the same format)",
     )
     export.set_defaults(run=_export)
     return parser
@@ -247,9 +263,23 @@ def _merge(args):
 def _export(args):
     from keras_lora import export
 
+    import importlib
+
+    from keras_lora import export_signature
+
     export.check_format(args.format)  # before a possibly long model load
+    signature = (
+        export_signature.parse(args.input_signature)
+        if args.input_signature else None
+    )
+    for module in args.custom_modules or ():
+        importlib.import_module(module)
     model = _load_model(args)
-    target = export.export_merged(model, args.output, format=args.format)
+    target = export.export_merged(
+        model, args.output, format=args.format,
+        overwrite=True if args.overwrite else None,
+        input_signature=signature, custom_modules=args.custom_modules,
+    )
     print(f"Exported {args.format} to {target}")
 
 

@@ -124,13 +124,38 @@ def test_export_hands_the_adapted_model_to_export_merged(files, tmp_path, monkey
     calls = []
     monkeypatch.setattr(
         "keras_lora.export.export_merged",
-        lambda model, path, format: calls.append((model, path, format)) or path,
+        lambda model, path, format, **options: calls.append(
+            (model, path, format, options)) or path,
     )
     out = str(tmp_path / "served")
     assert cli.main(["export", base, adapter, "-o", out, "--format", "litert"]) == 0
-    (model, path, format), = calls
+    (model, path, format, options), = calls
     assert (path, format) == (out, "litert")
+    assert options == dict(overwrite=None, input_signature=None, custom_modules=None)
     np.testing.assert_allclose(to_numpy(model(X)), expected, rtol=1e-6)
+
+
+def test_export_passes_signature_custom_modules_and_overwrite(files, tmp_path, monkeypatch):
+    base, adapter, _ = files
+    calls = []
+    monkeypatch.setattr(
+        "keras_lora.export.export_merged",
+        lambda model, path, format, **options: calls.append(options) or path,
+    )
+    argv = ["export", base, adapter, "-o", str(tmp_path / "s"),
+            "--custom-module", "json", "--overwrite",
+            "--input-signature", '[{"shape": [null, 4], "dtype": "float32"}]']
+    assert cli.main(argv) == 0
+    (options,) = calls
+    assert options["overwrite"] is True and options["custom_modules"] == ["json"]
+    assert options["input_signature"] is not None
+
+
+def test_export_with_an_unknown_custom_module_is_a_clear_error(files, tmp_path, capsys):
+    base, adapter, _ = files
+    err = run_failing(["export", base, adapter, "-o", str(tmp_path / "s"),
+                       "--custom-module", "no_such_module_here"], capsys)
+    assert "no_such_module_here" in err
 
 
 # Errors: one line on stderr, exit status 1 --------------------------------
