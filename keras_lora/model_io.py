@@ -37,9 +37,14 @@ from keras_lora import adapters
 from keras_lora import file_swap
 from keras_lora import keras_hooks
 from keras_lora import layer_swap
+from keras_lora import multi
 from keras_lora.surgery import lora_entries
 
 ADAPTER_MEMBER = "keras_lora/adapter.safetensors"
+# A model with several adapters: the first in ADAPTER_MEMBER, the others as
+# keras_lora/adapters/<name>.safetensors; names and active ones in JSON.
+ADAPTERS_DIRECTORY = "keras_lora/adapters"
+ADAPTER_NAMES_MEMBER = "keras_lora/adapter_names.json"
 COMPILE_MEMBER = "keras_lora/compile_config.json"
 # Temporary directories beside the target: `.<name>.keras_lora-<pid>-<random>`.
 _STAGING_TAG = ".keras_lora-"
@@ -158,9 +163,18 @@ def _write_archive(model, entries, target, weights_format):
     prefix = f".{name}{_STAGING_TAG}{os.getpid()}-"
     staging = tempfile.mkdtemp(dir=directory, prefix=prefix)
     try:
+        names = multi.list_adapters(model)
         adapter_file = adapters.save_adapter(
-            model, os.path.join(staging, "adapter.safetensors")
+            model, os.path.join(staging, "adapter.safetensors"),
+            adapter_name=names[0],
         )
+        others = {
+            name: adapters.save_adapter(
+                model, os.path.join(staging, f"{name}.safetensors"),
+                adapter_name=name,
+            )
+            for name in names[1:]
+        }
         archive = os.path.join(staging, "model.keras")
         compile_config = (
             model.get_compile_config() if getattr(model, "compiled", False)
@@ -172,6 +186,11 @@ def _write_archive(model, entries, target, weights_format):
             )
         with zipfile.ZipFile(archive, "a") as handle:
             handle.write(adapter_file, ADAPTER_MEMBER)
+            for name, other in others.items():
+                handle.write(other, f"{ADAPTERS_DIRECTORY}/{name}.safetensors")
+            handle.writestr(ADAPTER_NAMES_MEMBER, json.dumps({
+                "adapters": names, "active": multi.active_adapters(model),
+            }))
             if compile_config:
                 handle.writestr(COMPILE_MEMBER, json.dumps(compile_config))
         os.replace(archive, target)
@@ -248,8 +267,20 @@ def read_model(filepath, custom_objects=None, compile=True, safe_mode=True):
         adapter_file = os.path.join(tmp, "adapter.safetensors")
         with open(adapter_file, "wb") as handle:
             handle.write(adapter_bytes)
+        names = _adapter_names(filepath)
         try:
-            adapters.load_adapter(model, adapter_file)
+            adapters.load_adapter(
+                model, adapter_file,
+                adapter_name=names["adapters"][0] if names else None,
+            )
+            for name in (names or {}).get("adapters", [])[1:]:
+                member = f"{ADAPTERS_DIRECTORY}/{name}.safetensors"
+                other = os.path.join(tmp, f"{name}.safetensors")
+                with open(other, "wb") as handle:
+                    handle.write(_member_bytes(filepath, member))
+                adapters.load_adapter(model, other, adapter_name=name)
+            if names:
+                multi.set_adapter(model, names["active"])
         except ValueError as error:
             raise ValueError(
                 f"Loading '{_describe(filepath)}': its adapter "
@@ -286,6 +317,28 @@ def _adapter_bytes(source, probe=False):
         if ADAPTER_MEMBER not in handle.namelist():
             return None
         return b"" if probe else handle.read(ADAPTER_MEMBER)
+
+
+def _member_bytes(source, member):
+    if isinstance(source, io.IOBase):
+        position = source.tell()
+        try:
+            source.seek(0)
+            with zipfile.ZipFile(source) as handle:
+                return handle.read(member)
+        finally:
+            source.seek(position)
+    with zipfile.ZipFile(source) as handle:
+        return handle.read(member)
+
+
+def _adapter_names(source):
+    """`{"adapters": [...], "active": [...]}`, or `None` for files written
+    before models held several adapters (one adapter, "default")."""
+    try:
+        return json.loads(_member_bytes(source, ADAPTER_NAMES_MEMBER))
+    except KeyError:
+        return None
 
 
 def _describe(source):

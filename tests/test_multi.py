@@ -311,3 +311,26 @@ def test_layer_config_round_trips_every_adapter(tmp_path):
     assert list(layer.adapters) == ["default", "task_b"]
     assert layer.active_adapters == ("default", "task_b")
     np.testing.assert_allclose(to_numpy(loaded(X)), to_numpy(model(X)), rtol=1e-6, atol=1e-6)
+
+
+def test_model_save_round_trips_every_adapter_of_nested_layers(tmp_path):
+    inputs = keras.Input((3, 6))
+    x = layers.MultiHeadAttention(2, 4, name="mha")(inputs, inputs)
+    model = keras.Model(inputs, layers.Dense(3, name="head")(x))
+    keras_lora.apply_lora(model, rank=2)
+    keras_lora.add_adapter(model, "task_b", rank=3, targets=["mha"])
+    randomize(model, "default", 1)
+    randomize(model, "task_b", 2)
+    keras_lora.set_adapter(model, ["task_b"])
+    x_data = np.random.default_rng(0).normal(size=(2, 3, 6)).astype("float32")
+    expected = to_numpy(model(x_data))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert keras_lora.list_adapters(loaded) == ["default", "task_b"]
+    assert keras_lora.active_adapters(loaded) == ["task_b"]
+    np.testing.assert_allclose(to_numpy(loaded(x_data)), expected, rtol=1e-5, atol=1e-5)
+    keras_lora.set_adapter(loaded, "default")
+    keras_lora.set_adapter(model, "default")
+    np.testing.assert_allclose(to_numpy(loaded(x_data)), to_numpy(model(x_data)),
+                               rtol=1e-5, atol=1e-5)
