@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_lora import config as lora_config
 from keras_lora.distribution import adapter_layout_scope
+from keras_lora.layers import batch_routing
 from keras_lora.layers.adapter import DEFAULT_ADAPTER
 from keras_lora.layers.adapter import Adapter
 from keras_lora.layers.adapter import AdapterSet
@@ -441,8 +442,13 @@ class LoRALayer(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         outputs = self._base_preactivation(inputs)
-        for x, lora_a, lora_b, scaling in self._lora_terms(inputs, training):
-            outputs = self._add_lora_output(outputs, x, lora_a, lora_b, scaling)
+        router = batch_routing.current()
+        if router is not None and self.adapter_enabled and not self.merged:
+            # A mixed batch: each example takes its own adapter.
+            outputs = router.apply(self, outputs, inputs, training)
+        else:
+            for x, lora_a, lora_b, scaling in self._lora_terms(inputs, training):
+                outputs = self._add_lora_output(outputs, x, lora_a, lora_b, scaling)
         activation = getattr(self.base_layer, "activation", None)
         if activation is not None:
             outputs = activation(outputs)
