@@ -12,6 +12,7 @@ from keras_lora.layers import LoRAConv1D
 from keras_lora.layers import LoRAConv2D
 from keras_lora.layers import LoRAConv3D
 from keras_lora.layers import lora_class_for
+from keras_lora.layers import supported_types
 
 RANK = 2
 
@@ -136,6 +137,13 @@ def test_transposed_depthwise_separable_convolutions_are_refused(make, shape):
     assert lora_class_for(layer) is None
     with pytest.raises(TypeError, match=f"does not support {type(layer).__name__}"):
         LoRAConv2D.from_layer(layer)
+
+
+def test_supported_types_name_the_new_base_classes_in_dispatch_order():
+    assert supported_types() == [
+        "EinsumDense", "Dense", "ReversibleEmbedding", "Embedding",
+        "Conv1D", "Conv2D", "Conv3D",
+    ]
 
 
 def test_grouped_convolution_is_refused_and_unchanged():
