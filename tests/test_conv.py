@@ -350,3 +350,20 @@ def test_clone_keras_save_and_in_place_merge_keep_outputs(tmp_path):
     assert type(merged.get_layer("conv")) is keras.layers.Conv2D
     assert type(merged.get_layer("token_embedding")) is keras.layers.Embedding
     np.testing.assert_allclose(to_np(merged(inputs)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_extend_layout_map_derives_table_and_conv_adapter_layouts():
+    mesh = keras.distribution.DeviceMesh(
+        (2, 4), ("batch", "model"), [f"cpu:{i}" for i in range(8)])
+    model = keras_lora.apply_lora(mixed_model(), rank=2, targets="all")
+    table_path = keras_lora.lora_layers(model)["token_embedding"].kernel.path
+    conv_path = keras_lora.lora_layers(model)["conv"].kernel.path
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[table_path] = ("model", "batch")
+    layout_map[conv_path] = (None, None, "batch", "model")
+    keras_lora.extend_layout_map(layout_map, model)
+    table_dir, conv_dir = table_path.rsplit("/", 1)[0], conv_path.rsplit("/", 1)[0]
+    assert layout_map[f"{table_dir}/lora_a"].axes == (None, "model")
+    assert layout_map[f"{table_dir}/lora_b"].axes == (None, "batch")
+    assert layout_map[f"{conv_dir}/lora_a"].axes == (None, None, None, "batch")
+    assert layout_map[f"{conv_dir}/lora_b"].axes == (None, "model")

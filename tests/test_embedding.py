@@ -315,3 +315,19 @@ def test_gpt2_tied_token_embedding_merged_logits_equal_unmerged():
     np.testing.assert_allclose(to_np(merged(inputs)), unmerged, rtol=1e-4, atol=1e-4)
     keras_lora.merge_adapters(lm)
     np.testing.assert_allclose(to_np(lm(inputs)), unmerged, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.backend("jax")  # keras.distribution is JAX-only in Keras 3
+def test_adapters_created_under_model_parallel_follow_the_table_layout():
+    mesh = keras.distribution.DeviceMesh(
+        (1, 1), ("batch", "model"), keras.distribution.list_devices()[:1]
+    )
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*embeddings"] = ("model", "batch")
+    layout_map[".*lora.*"] = ("batch", "model")  # must not reach adapters
+    distribution = keras.distribution.ModelParallel(layout_map=layout_map)
+    with distribution.scope():
+        model = keras_lora.apply_lora(classifier(), rank=2, targets="token_embedding")
+    lora = keras_lora.lora_layers(model)["token_embedding"]
+    assert distribution.get_variable_layout(lora.lora_a).axes == (None, "model")
+    assert distribution.get_variable_layout(lora.lora_b).axes == (None, "batch")
