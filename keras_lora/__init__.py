@@ -17,6 +17,7 @@ _EXPORTS = {
     "LoRALayer": "keras_lora.layers",
     "active_adapters": "keras_lora.multi",
     "add_adapter": "keras_lora.multi",
+    "add_weighted_adapter": "keras_lora.weighted",
     "apply_lora": "keras_lora.surgery",
     "clone_with_lora": "keras_lora.clone",
     "disable_adapters": "keras_lora.merge",
