@@ -24,13 +24,13 @@ from keras_lora import model_copy
 from keras_lora import model_walk
 from keras_lora import trained_weights
 from keras_lora.hub import reset_compiled_functions
+from keras_lora.layers import LORA_LAYER_FOR
 from keras_lora.layers import LoRALayer
-from keras_lora.layers.dense import LoRADense
-from keras_lora.layers.einsum_dense import LoRAEinsumDense
 
+# Every LoRA class of the dispatch table, as its serialized config names it.
 _LORA_REGISTERED_NAMES = frozenset(
-    keras.saving.get_registered_name(cls)
-    for cls in (LoRADense, LoRAEinsumDense)
+    keras.saving.get_registered_name(lora_class)
+    for _, lora_class in LORA_LAYER_FOR
 )
 
 
