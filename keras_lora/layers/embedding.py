@@ -97,10 +97,10 @@ class LoRAEmbedding(LoRALayer):
         if (cls is LoRAEmbedding and reversible is not None
                 and isinstance(layer, reversible)):
             raise TypeError(
-                f"LoRAEmbedding cannot adapt layer '{layer.name}' of type "
-                f"{type(layer).__name__}: it would lose the reverse "
-                "projection. Use LoRAReversibleEmbedding (apply_lora picks "
-                "it). Received: layer of type " + type(layer).__name__
+                "LoRAEmbedding would lose the reverse projection of a "
+                "ReversibleEmbedding; use LoRAReversibleEmbedding (apply_lora "
+                f"picks it). Received: layer '{layer.name}' of type "
+                f"{type(layer).__name__}"
             )
 
     @classmethod
