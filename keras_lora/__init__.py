@@ -29,6 +29,7 @@ _EXPORTS = {
     "load_adapter": "keras_lora.adapters",
     "load_model": "keras_lora.model_io",
     "lora_layers": "keras_lora.surgery",
+    "loraplus_optimizer": "keras_lora.loraplus",
     "merge_adapters": "keras_lora.merge",
     "merge_lora": "keras_lora.merge",
     "print_trainable_parameters": "keras_lora.surgery",
