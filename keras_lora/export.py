@@ -308,13 +308,16 @@ def _write_artifact(model, artifact, format, spec, staging, signature,
     _export_in_subprocess(request, spec)
 
 
-def _export_in_subprocess(request, spec):
+def _export_in_subprocess(request, spec, worker=_WORKER,
+                          caller="export_merged"):
+    """Runs `worker` (Python source ending in an export; `sys.argv[2]` is
+    the JSON `request`) in a `spec.backend`-backend process."""
     env = dict(os.environ, KERAS_BACKEND=spec.backend)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The child finds what this process imports (custom classes included).
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     result = subprocess.run(
-        [sys.executable, "-c", _WORKER, str(os.getpid()),
+        [sys.executable, "-c", worker, str(os.getpid()),
          json.dumps(request)],
         env=env,
         capture_output=True,
@@ -331,7 +334,7 @@ def _export_in_subprocess(request, spec):
                 "`custom_modules=[...]`."
             )
         raise RuntimeError(
-            f"export_merged(format={request['format']!r}): the "
+            f"{caller}(format={request['format']!r}): the "
             f"{spec.backend}-backend export process failed (exit code "
             f"{result.returncode}).{hint} Its output ends with:\n{output}"
         )
