@@ -116,6 +116,7 @@ def test_call_never_forms_the_kernel_shaped_delta(monkeypatch):
 
 def test_merge_then_unmerge_restores_the_kernel():
     layer = adapted(built(keras.layers.Conv1D(4, 3), (2, 8, 3)))
+    assert isinstance(layer, LoRAConv1D)
     x = rng().normal(size=(2, 8, 3)).astype("float32")
     before, expected = to_np(layer.kernel).copy(), to_np(layer(x))
     layer.merge()
@@ -197,12 +198,6 @@ def images():
     return rng().normal(size=(2, 8, 8, 3)).astype("float32")
 
 
-# merge.py strips only the LoRA classes it lists (`_LORA_REGISTERED_NAMES`:
-# LoRADense, LoRAEinsumDense); it should take every class of LORA_LAYER_FOR.
-@pytest.mark.xfail(
-    reason="merge.py's _LORA_REGISTERED_NAMES lists Dense/EinsumDense only",
-    strict=False,
-)
 def test_merge_lora_of_a_cnn_keeps_outputs():
     model = keras_lora.apply_lora(cnn(), rank=2, targets="all")
     randomize(model)

@@ -190,15 +190,6 @@ def randomize(model, seed=3):
         layer.lora_b.assign(rng.normal(size=layer.lora_b.shape).astype("float32"))
 
 
-# merge.py strips only the LoRA classes it lists (`_LORA_REGISTERED_NAMES`:
-# LoRADense, LoRAEinsumDense); it should take every class of LORA_LAYER_FOR.
-NEEDS_MERGE_FIX = pytest.mark.xfail(
-    reason="merge.py's _LORA_REGISTERED_NAMES lists Dense/EinsumDense only",
-    strict=False,
-)
-
-
-@NEEDS_MERGE_FIX
 def test_merge_lora_of_a_functional_model_keeps_outputs():
     model = keras_lora.apply_lora(classifier(), rank=2, targets="all")
     randomize(model)
