@@ -81,10 +81,17 @@ class LayerRecord:
     lora_a_shape: tuple
     lora_b_shape: tuple
     base_kernel_shape: tuple
+    # DoRA: the file also holds "<path>/lora_magnitude", free-axes shaped.
+    use_dora: bool = False
+
+    @property
+    def magnitude_shape(self):
+        return tuple(self.lora_b_shape[1:]) if self.use_dora else None
 
     @property
     def parameter_count(self):
-        return math.prod(self.lora_a_shape) + math.prod(self.lora_b_shape)
+        count = math.prod(self.lora_a_shape) + math.prod(self.lora_b_shape)
+        return count + (math.prod(self.magnitude_shape) if self.use_dora else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +361,8 @@ def _expected_tensors(records, extra_tensors):
     for record in records.values():
         expected[f"{record.path}/lora_a"] = record.lora_a_shape
         expected[f"{record.path}/lora_b"] = record.lora_b_shape
+        if record.use_dora:
+            expected[f"{record.path}/lora_magnitude"] = record.magnitude_shape
     expected.update(extra_tensors)
     return expected
 

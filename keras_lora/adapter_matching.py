@@ -37,6 +37,8 @@ class AdapterView:
     dropout = property(lambda self: self.adapter.dropout)
     lora_a = property(lambda self: self.adapter.lora_a)
     lora_b = property(lambda self: self.adapter.lora_b)
+    lora_magnitude = property(lambda self: self.adapter.lora_magnitude)
+    use_dora = property(lambda self: self.adapter.use_dora)
     base_layer = property(lambda self: self.layer.base_layer)
     kernel = property(lambda self: self.layer.kernel)
     train_bias = property(lambda self: self.layer.train_bias)
@@ -66,6 +68,8 @@ def record_of(layer):
         "lora_a_shape": list(layer.lora_a.shape),
         "lora_b_shape": list(layer.lora_b.shape),
         "base_kernel_shape": list(layer.kernel.shape),
+        # Written only for DoRA, so plain LoRA files stay as they were.
+        **({"use_dora": True} if layer.use_dora else {}),
     }
 
 
@@ -216,7 +220,7 @@ def check_base_model(model, adapter):
                      (record.rank,) + tuple(contracted), record.lora_a_shape)
         _check_shape(where, record.path, "lora_b",
                      (record.rank,) + tuple(free), record.lora_b_shape)
-    for name in ("dropout", "use_rslora", "train_bias"):
+    for name in ("dropout", "use_rslora", "train_bias", "use_dora"):
         values = {getattr(r, name) for r in adapter.layers.values()}
         if len(values) > 1:
             raise ValueError(
@@ -238,6 +242,7 @@ def recorded_arguments(adapter):
         alpha_pattern={_ExactPath(r.path): r.alpha for r in adapter.layers.values()},
         dropout=first.dropout,
         use_rslora=first.use_rslora,
+        use_dora=first.use_dora,
         train_bias=first.train_bias,
         trainable=[_ExactPath(path) for path in adapter.trainable_layers] or None,
     )
@@ -280,6 +285,11 @@ def check_adapted_model(adapted, adapter):
                     f"{at}: {name} is {variable.dtype} in the model, float32 "
                     "in the file. Nothing was changed."
                 )
+        if layer.use_dora != record.use_dora:
+            raise ValueError(
+                f"{at} has use_dora={layer.use_dora} in the model but "
+                f"use_dora={record.use_dora} in the file. Nothing was changed."
+            )
         if layer.alpha != record.alpha or layer.use_rslora != record.use_rslora:
             raise ValueError(
                 f"{at} has alpha={layer.alpha}, use_rslora={layer.use_rslora} "
@@ -363,6 +373,7 @@ def fits_in_place(adapted, adapter):
             or layer.alpha != record.alpha
             or layer.use_rslora != record.use_rslora
             or layer.dropout != record.dropout
+            or layer.use_dora != record.use_dora
             or layer.train_bias != record.train_bias
         ):
             return False

@@ -38,6 +38,8 @@ _TOP_LEVEL = {
 }
 _TOP_LEVEL[2] = _TOP_LEVEL[3] = _TOP_LEVEL[1] + ("trainable_layers", "extra_tensors")
 _TOP_LEVEL[4] = _TOP_LEVEL[3] + ("digests", "layer_keys")
+# Record keys a file may leave out (their default: false).
+OPTIONAL_RECORD_FIELDS = ("use_dora",)
 RECORD_FIELDS = (
     "class", "base_class", "rank", "alpha", "scaling", "use_rslora",
     "dropout", "train_bias", "lora_a_shape", "lora_b_shape",
@@ -103,7 +105,8 @@ def parse_record(path, entry, version, where):
             f"{at}: the layer record must be a JSON object with the keys "
             f"{list(RECORD_FIELDS)}. Received: {_short(entry)}"
         )
-    _exact_keys(entry, RECORD_FIELDS, f"{at}: the record")
+    _exact_keys(entry, RECORD_FIELDS, f"{at}: the record",
+                optional=OPTIONAL_RECORD_FIELDS)
     lora_class = entry["class"]
     if not (isinstance(lora_class, str) and lora_class in LORA_CLASS_NAMES):
         raise SchemaError(
@@ -112,7 +115,9 @@ def parse_record(path, entry, version, where):
         )
     _check(isinstance(entry["base_class"], str) and entry["base_class"], at,
            "base_class", entry["base_class"], "must be a class name")
-    for field in ("use_rslora", "train_bias"):
+    for field in ("use_rslora", "train_bias") + tuple(
+        f for f in OPTIONAL_RECORD_FIELDS if f in entry
+    ):
         _check(isinstance(entry[field], bool), at, field, entry[field],
                "must be true or false")
     rank = entry["rank"]
@@ -153,6 +158,7 @@ def parse_record(path, entry, version, where):
         "use_rslora": entry["use_rslora"],
         "dropout": float(dropout),
         "train_bias": entry["train_bias"],
+        "use_dora": entry.get("use_dora", False),
         **shapes,
     }
 
@@ -259,11 +265,11 @@ def _unique_keys(pairs):
     return document
 
 
-def _exact_keys(mapping, required, what):
+def _exact_keys(mapping, required, what, optional=()):
     missing = [k for k in required if k not in mapping]
     if missing:
         raise SchemaError(f"{what} lacks the key '{missing[0]}'.")
-    unknown = [k for k in mapping if k not in required]
+    unknown = [k for k in mapping if k not in required and k not in optional]
     if unknown:
         raise SchemaError(
             f"{what} has an unknown key {_short(unknown[0])} (known keys: "

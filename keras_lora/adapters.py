@@ -84,6 +84,10 @@ def save_adapter(model, path, adapter_name=None):
                     "or infinite values; refusing to save it."
                 )
             tensors[f"{layer_path}/{name}"] = value
+        if layer.use_dora:
+            tensors[f"{layer_path}/lora_magnitude"] = np.ascontiguousarray(
+                ops.convert_to_numpy(layer.lora_magnitude.value), "float32"
+            )
         records[layer_path] = matching.record_of(layer)
     extras, trainable_layers = matching.trained_extras(model, layers)
     keys = matching.layer_keys(model)
@@ -260,6 +264,9 @@ def _assign(change, model, adapted, adapter, extras):
     for layer_path, layer in adapted.items():
         change.assign(layer.lora_a, adapter.tensors[f"{layer_path}/lora_a"])
         change.assign(layer.lora_b, adapter.tensors[f"{layer_path}/lora_b"])
+        if layer.use_dora:
+            change.assign(layer.lora_magnitude,
+                          adapter.tensors[f"{layer_path}/lora_magnitude"])
     trained_weights.remember(model, extras.values())
     carried = {id(variable) for variable in extras.values()}
     for key, variable in extras.items():

@@ -261,7 +261,7 @@ def _with_adapters(layer, specs, active, values_from):
     new = type(layer)(
         base_layer=layer.base_layer,
         rank=first.rank, alpha=first.alpha, dropout=first.dropout,
-        use_rslora=first.use_rslora,
+        use_rslora=first.use_rslora, use_dora=first.use_dora,
         lora_a_initializer=first.lora_a_initializer,
         lora_b_initializer=first.lora_b_initializer,
         adapter_name=first.name, extra_adapters=list(rest),
@@ -270,8 +270,9 @@ def _with_adapters(layer, specs, active, values_from):
     )
     for name, adapter in new.adapters.items():
         source = next(s for s in values_from if name in s.adapters)
-        adapter.lora_a.assign(source.adapters[name].lora_a.value)
-        adapter.lora_b.assign(source.adapters[name].lora_b.value)
+        for variable, value in zip(adapter.variables,
+                                   source.adapters[name].variables):
+            variable.assign(value.value)
     return new
 
 

@@ -73,6 +73,7 @@ def apply_lora(
     lora_a_initializer="he_uniform",
     lora_b_initializer="zeros",
     adapter_name="default",
+    use_dora=False,
 ):
     """Adapts a built model with LoRA, in place, and returns it.
 
@@ -120,6 +121,10 @@ def apply_lora(
         lora_b_initializer: initializer of every `lora_b` (zeros).
         adapter_name: the name of the adapter created (a Python
             identifier); add more with `keras_lora.add_adapter`.
+        use_dora: bool, weight-decomposed LoRA (DoRA, see
+            `keras_lora/layers/dora.py`) on Dense / EinsumDense layers: a
+            trainable magnitude per output unit, the norm computed from
+            small products, never from `W + s·A·B`.
 
     Returns:
         `model`, adapted.
@@ -148,6 +153,7 @@ def apply_lora(
         alpha_pattern=alpha_pattern, train_bias=train_bias,
         trainable=trainable, lora_a_initializer=lora_a_initializer,
         lora_b_initializer=lora_b_initializer, adapter_name=adapter_name,
+        use_dora=use_dora,
     )
     with Transaction(model) as change:
         execute_plan(plan, change)
@@ -160,7 +166,7 @@ def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
               dropout=0.0, use_rslora=False, rank_pattern=None,
               alpha_pattern=None, train_bias=False, trainable=None,
               lora_a_initializer="he_uniform", lora_b_initializer="zeros",
-              adapter_name="default"):
+              adapter_name="default", use_dora=False):
     """Validates an `apply_lora` request and lists what it would adapt.
 
     Nothing is changed. Takes `apply_lora`'s arguments.
@@ -175,6 +181,7 @@ def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
     lora_config.validate_dropout(dropout)
     lora_config.validate_bool(use_rslora, "use_rslora", "apply_lora: ")
     lora_config.validate_bool(train_bias, "train_bias", "apply_lora: ")
+    lora_config.validate_bool(use_dora, "use_dora", "apply_lora: ")
     for name, pattern_map in (("rank_pattern", rank_pattern),
                               ("alpha_pattern", alpha_pattern)):
         if pattern_map is not None and not isinstance(
@@ -246,6 +253,8 @@ def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
             f"apply_lora: layer '{entry.path}': ",
         )
         lora_class._check_base_layer(entry.layer)
+        if use_dora:
+            lora_class._check_dora(entry.layer, f"apply_lora: layer '{entry.path}': ")
         width = lora_class.width_below_rank(entry.layer, layer_rank)
         if width is not None:
             narrow.append((entry.path, *width, layer_rank))
@@ -262,7 +271,8 @@ def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
         )
     options = dict(
         dropout=dropout, use_rslora=bool(use_rslora),
-        train_bias=bool(train_bias), adapter_name=adapter_name, **initializers,
+        train_bias=bool(train_bias), adapter_name=adapter_name,
+        use_dora=bool(use_dora), **initializers,
     )
     return LoraPlan(
         model, plans, [e.layer for e in trainable_layers], options, narrow

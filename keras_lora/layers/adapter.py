@@ -54,11 +54,12 @@ class AdapterSpec:
     dropout: float = 0.0
     lora_a_initializer: object = "he_uniform"
     lora_b_initializer: object = "zeros"
+    use_dora: bool = False
 
     @classmethod
     def validated(cls, name, rank, alpha=None, use_rslora=False, dropout=0.0,
                   lora_a_initializer="he_uniform", lora_b_initializer="zeros",
-                  where=""):
+                  use_dora=False, where=""):
         """An `AdapterSpec` from raw arguments, every value checked."""
         validate_adapter_name(name, where)
         rank = lora_config.validate_rank(rank, where)
@@ -66,10 +67,12 @@ class AdapterSpec:
         dropout = lora_config.validate_dropout(dropout, where)
         use_rslora = lora_config.validate_bool(use_rslora, "use_rslora", where)
         lora_config.validate_scaling(rank, alpha, use_rslora, where)
+        use_dora = lora_config.validate_bool(use_dora, "use_dora", where)
         return cls(
             name, rank, alpha, use_rslora, dropout,
             initializers.get(lora_a_initializer),
             initializers.get(lora_b_initializer),
+            use_dora,
         )
 
     @property
@@ -86,6 +89,7 @@ class AdapterSpec:
             "dropout": self.dropout,
             "lora_a_initializer": initializers.serialize(self.lora_a_initializer),
             "lora_b_initializer": initializers.serialize(self.lora_b_initializer),
+            "use_dora": self.use_dora,
         }
 
     @classmethod
@@ -97,15 +101,23 @@ class Adapter:
     """One named adapter of a LoRA layer: its spec and its two variables.
 
     Attributes:
-        name, rank, alpha, use_rslora, dropout, scaling: from the spec.
+        name, rank, alpha, use_rslora, dropout, scaling, use_dora: from the
+            spec.
         lora_a: variable `(rank,) + contracted axes` (float32).
         lora_b: variable `(rank,) + free axes` (float32).
+        lora_magnitude: DoRA's trainable magnitude, shaped like the free
+            axes (float32), or `None`.
+        kernel_norm_sq: DoRA's `‖W_j‖²` per output unit, a non-trainable
+            variable computed once from the frozen kernel, or `None`.
     """
 
-    def __init__(self, spec, lora_a, lora_b):
+    def __init__(self, spec, lora_a, lora_b, lora_magnitude=None,
+                 kernel_norm_sq=None):
         self.spec = spec
         self.lora_a = lora_a
         self.lora_b = lora_b
+        self.lora_magnitude = lora_magnitude
+        self.kernel_norm_sq = kernel_norm_sq
 
     name = property(lambda self: self.spec.name)
     rank = property(lambda self: self.spec.rank)
@@ -113,10 +125,13 @@ class Adapter:
     use_rslora = property(lambda self: self.spec.use_rslora)
     dropout = property(lambda self: self.spec.dropout)
     scaling = property(lambda self: self.spec.scaling)
+    use_dora = property(lambda self: self.spec.use_dora)
 
     @property
     def variables(self):
-        return [self.lora_a, self.lora_b]
+        """The trainable variables: `lora_a`, `lora_b` (and DoRA's magnitude)."""
+        extra = [self.lora_magnitude] if self.lora_magnitude is not None else []
+        return [self.lora_a, self.lora_b] + extra
 
     def __repr__(self):
         return f"<Adapter {self.name!r} rank={self.rank} alpha={self.alpha:g}>"

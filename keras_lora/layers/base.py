@@ -11,6 +11,7 @@ from keras import ops
 from keras_lora import config as lora_config
 from keras_lora.distribution import adapter_layout_scope
 from keras_lora.layers import batch_routing
+from keras_lora.layers import dora
 from keras_lora.layers.adapter import DEFAULT_ADAPTER
 from keras_lora.layers.adapter import Adapter
 from keras_lora.layers.adapter import AdapterSet
@@ -64,6 +65,8 @@ class LoRALayer(keras.layers.Layer):
     """
 
     base_layer_class = None
+    # Layer types whose factored forward DoRA's per-unit factor fits.
+    supports_dora = False
 
     def __init__(
         self,
@@ -80,6 +83,7 @@ class LoRALayer(keras.layers.Layer):
         adapter_name=DEFAULT_ADAPTER,
         extra_adapters=None,
         active_adapters=None,
+        use_dora=False,
         **kwargs,
     ):
         # Validate everything before touching `base_layer`.
@@ -88,13 +92,16 @@ class LoRALayer(keras.layers.Layer):
         where = f"{type(self).__name__} for layer '{base_layer.name}': "
         specs = [AdapterSpec.validated(
             adapter_name, rank, alpha, use_rslora, dropout,
-            lora_a_initializer, lora_b_initializer, where=where,
+            lora_a_initializer, lora_b_initializer, use_dora=use_dora,
+            where=where,
         )]
         for config in extra_adapters or ():
             if isinstance(config, AdapterSpec):
                 specs.append(config)
             else:
                 specs.append(AdapterSpec.validated(**config, where=where))
+        if any(spec.use_dora for spec in specs):
+            self._check_dora(base_layer, where)
         names = [spec.name for spec in specs]
         duplicate = sorted({n for n in names if names.count(n) > 1})
         if duplicate:
@@ -222,6 +229,16 @@ class LoRALayer(keras.layers.Layer):
             )
 
     @classmethod
+    def _check_dora(cls, base_layer, where=""):
+        """Raises unless DoRA can adapt this base layer."""
+        if not cls.supports_dora:
+            raise ValueError(
+                f"{where}DoRA (use_dora=True) is supported for Dense and "
+                f"EinsumDense layers, not by {cls.__name__}. Received: "
+                "use_dora=True"
+            )
+
+    @classmethod
     def width_below_rank(cls, base_layer, rank):
         """`(d_in, d_out)` if `rank` exceeds the kernel's smaller side.
 
@@ -269,6 +286,7 @@ class LoRALayer(keras.layers.Layer):
         doc="`lora_b` of the adapter named \"default\" (or the first one).",
     )
     rank = property(lambda self: self._primary_spec().rank)
+    use_dora = property(lambda self: self._primary_spec().use_dora)
     alpha = property(lambda self: self._primary_spec().alpha)
     dropout = property(lambda self: self._primary_spec().dropout)
     use_rslora = property(lambda self: self._primary_spec().use_rslora)
@@ -389,7 +407,23 @@ class LoRALayer(keras.layers.Layer):
                 dtype="float32",
                 trainable=True,
             )
-        self._adapters.add(Adapter(spec, lora_a, lora_b))
+            magnitude = norm_sq = None
+            if spec.use_dora:
+                squared = dora.kernel_norm_squared(self)
+                initial = np.sqrt(dora.kernel_norm_squared(
+                    self, lora_a.value, lora_b.value, spec.scaling
+                ))
+                magnitude = self.add_weight(
+                    name="lora_magnitude", shape=tuple(free),
+                    initializer=_Constant(initial), dtype="float32",
+                    trainable=True,
+                )
+                norm_sq = self.add_weight(
+                    name="lora_kernel_norm_sq", shape=tuple(free),
+                    initializer=_Constant(squared), dtype="float32",
+                    trainable=False,
+                )
+        self._adapters.add(Adapter(spec, lora_a, lora_b, magnitude, norm_sq))
 
     def _check_initial_values(self):
         """Refuses an initializer that drew NaN or infinite adapters (run
@@ -399,7 +433,7 @@ class LoRALayer(keras.layers.Layer):
             for variable, initializer in (
                 (adapter.lora_a, adapter.spec.lora_a_initializer),
                 (adapter.lora_b, adapter.spec.lora_b_initializer),
-            ):
+            ) + ((adapter.lora_magnitude, "‖W + s·A·B‖"),) * adapter.use_dora:
                 if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(variable)))):
                     raise ValueError(
                         f"{type(self).__name__} for layer '{self.name}': the "
@@ -447,8 +481,11 @@ class LoRALayer(keras.layers.Layer):
             # A mixed batch: each example takes its own adapter.
             outputs = router.apply(self, outputs, inputs, training)
         else:
+            base = outputs
             for x, lora_a, lora_b, scaling in self._lora_terms(inputs, training):
                 outputs = self._add_lora_output(outputs, x, lora_a, lora_b, scaling)
+            for adapter in self._active_dora_adapters():
+                outputs = self._add_dora_term(outputs, base, inputs, training, adapter)
         activation = getattr(self.base_layer, "activation", None)
         if activation is not None:
             outputs = activation(outputs)
@@ -467,6 +504,8 @@ class LoRALayer(keras.layers.Layer):
         terms = []
         for name in self._present(self.active_adapters):
             adapter = self._adapters[name]
+            if adapter.use_dora:
+                continue  # see `_add_dora_term`
             x = self._lora_input(inputs, training, adapter.dropout)
             reference = x if _is_float(x) else None
             terms.append((
@@ -476,6 +515,27 @@ class LoRALayer(keras.layers.Layer):
                 adapter.scaling,
             ))
         return terms
+
+    def _active_dora_adapters(self):
+        if not self.adapter_enabled or self.merged:
+            return []
+        return [
+            self._adapters[name] for name in self._present(self.active_adapters)
+            if self._adapters[name].use_dora
+        ]
+
+    def _add_dora_term(self, outputs, base, inputs, training, adapter):
+        """Adds one DoRA adapter's term; `base` is the base output `x·W + b`.
+
+        With dropout active the base product is taken again on the
+        dropped-out input, as PEFT does.
+        """
+        x = self._lora_input(inputs, training, adapter.dropout)
+        base_x = base if x is inputs else self._base_preactivation(x)
+        bias = self.bias
+        if bias is not None:
+            base_x = ops.subtract(base_x, ops.cast(bias, base_x.dtype))
+        return dora.add_dora_output(self, outputs, base_x, x, adapter)
 
     def _lora_input(self, inputs, training, dropout):
         """The LoRA path's input: `inputs` with dropout while training."""
@@ -513,6 +573,10 @@ class LoRALayer(keras.layers.Layer):
         delta = None
         for name in names:
             adapter = self._adapters[name]
+            if adapter.use_dora:
+                term = dora.merged_kernel_delta(self, adapter)
+                delta = term if delta is None else ops.add(delta, term)
+                continue
             term = ops.multiply(
                 self._delta_kernel(
                     ops.convert_to_tensor(adapter.lora_a.value),
@@ -570,8 +634,14 @@ class LoRALayer(keras.layers.Layer):
                 "would change what the layer computes; call "
                 "`enable_adapter()` first."
             )
+        names = self._present(self.active_adapters)
+        # DoRA rescales W itself: keep its per-unit factors to undo it.
+        self._merged_dora_factors = {
+            name: ops.convert_to_numpy(dora.merge_factor(self, self._adapters[name]))
+            for name in names if self._adapters[name].use_dora
+        }
         self.kernel.assign(self.merged_kernel())
-        self._merged_names = self._present(self.active_adapters)
+        self._merged_names = names
         self.merged = True
 
     def unmerge(self):
@@ -580,12 +650,17 @@ class LoRALayer(keras.layers.Layer):
             return
         kernel = self.kernel
         value = ops.convert_to_tensor(kernel.value)
-        restored = ops.subtract(
-            ops.cast(value, "float32"), self.delta_kernel(self._merged_names)
-        )
+        factors = getattr(self, "_merged_dora_factors", None) or {}
+        if factors:
+            restored = dora.unmerged_kernel(self, self._merged_names, factors)
+        else:
+            restored = ops.subtract(
+                ops.cast(value, "float32"), self.delta_kernel(self._merged_names)
+            )
         kernel.assign(ops.cast(restored, value.dtype))
         self.merged = False
         self._merged_names = ()
+        self._merged_dora_factors = {}
 
     def enable_adapter(self):
         """Turns the low-rank path on (the default); see `disable_adapter`."""
@@ -621,6 +696,7 @@ class LoRALayer(keras.layers.Layer):
                 "use_rslora": primary["use_rslora"],
                 "lora_a_initializer": primary["lora_a_initializer"],
                 "lora_b_initializer": primary["lora_b_initializer"],
+                "use_dora": primary["use_dora"],
                 "train_bias": self.train_bias,
                 "adapter_enabled": self.adapter_enabled,
                 "merged": self.merged,
@@ -688,6 +764,16 @@ def _is_float(x):
     return "float" in keras.backend.standardize_dtype(x.dtype)
 
 
+class _Constant:
+    """An initializer returning a fixed numpy array (DoRA's magnitude)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, shape, dtype=None):
+        return np.asarray(self.value, dtype or "float32").reshape(shape)
+
+
 class _NullScope:
     def __enter__(self):
         return self
@@ -699,7 +785,7 @@ class _NullScope:
 # Arguments that belong to the wrapper itself, not to the base layer.
 _WRAPPER_ONLY = (
     "trainable", "adapter_enabled", "merged", "adapter_name",
-    "extra_adapters", "active_adapters",
+    "extra_adapters", "active_adapters", "use_dora",
 )
 
 

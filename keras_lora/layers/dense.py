@@ -50,6 +50,7 @@ class LoRADense(LoRALayer):
     """
 
     base_layer_class = keras.layers.Dense
+    supports_dora = True
 
     def __init__(
         self,

@@ -154,6 +154,7 @@ class LoRAEinsumDense(LoRALayer):
     """
 
     base_layer_class = keras.layers.EinsumDense
+    supports_dora = True
 
     def __init__(
         self,
@@ -197,6 +198,17 @@ class LoRAEinsumDense(LoRALayer):
     def _check_base_layer(cls, layer):
         super()._check_base_layer(layer)
         split_equation(layer.equation)
+
+    @classmethod
+    def _check_dora(cls, base_layer, where=""):
+        # DoRA's per-unit factor broadcasts over the output's trailing free
+        # axes: true for equations that are a matmul on reshaped operands.
+        if not split_equation(base_layer.equation).matmul_view:
+            raise ValueError(
+                f"{where}DoRA (use_dora=True) needs an EinsumDense equation "
+                "whose free axes are the output's trailing axes (a matmul on "
+                f"reshaped operands). Received: equation={base_layer.equation!r}"
+            )
 
     @classmethod
     def _kernel_split(cls, base_layer):

@@ -1,0 +1,201 @@
+"""DoRA: equal to PEFT's use_dora=True (forward, one gradient step, merge),
+computed without W + s·A·B; magnitude in adapter files; several adapters."""
+
+import keras
+import numpy as np
+import pytest
+import torch
+from keras import layers
+from peft import LoraConfig
+from peft import get_peft_model
+
+import keras_lora
+
+D_IN, D_OUT, RANK, ALPHA = 6, 5, 2, 4.0
+RNG = np.random.default_rng(0)
+W = RNG.normal(size=(D_IN, D_OUT)).astype("float32")
+BIAS = RNG.normal(size=(D_OUT,)).astype("float32")
+A = RNG.normal(size=(RANK, D_IN)).astype("float32")
+B = RNG.normal(size=(RANK, D_OUT)).astype("float32")
+X = RNG.normal(size=(4, D_IN)).astype("float32")
+Y = RNG.normal(size=(4, D_OUT)).astype("float32")
+
+
+def to_numpy(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def peft_reference():
+    """PEFT's DoRA Linear: outputs, and one SGD step's new A, B, magnitude."""
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(D_IN, D_OUT)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    net = Net()
+    net.lin.weight.data = torch.tensor(W.T)
+    net.lin.bias.data = torch.tensor(BIAS)
+    model = get_peft_model(net, LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=["lin"], use_dora=True))
+    lin = model.base_model.model.lin
+    lin.lora_A["default"].weight.data = torch.tensor(A)
+    lin.lora_B["default"].weight.data = torch.tensor(B.T)
+    magnitude = lin.lora_magnitude_vector["default"].weight
+    initial_magnitude = magnitude.detach().numpy().copy()
+    outputs = model(torch.tensor(X))
+    loss = ((outputs - torch.tensor(Y)) ** 2).mean()
+    loss.backward()
+    grads = (lin.lora_A["default"].weight.grad.numpy(),
+             lin.lora_B["default"].weight.grad.numpy().T,
+             magnitude.grad.numpy())
+    return outputs.detach().numpy(), initial_magnitude, grads
+
+
+def keras_dora():
+    inputs = keras.Input((D_IN,))
+    dense = layers.Dense(D_OUT, name="lin")
+    model = keras.Model(inputs, dense(inputs))
+    dense.kernel.assign(W)
+    dense.bias.assign(BIAS)
+    keras_lora.apply_lora(model, rank=RANK, alpha=ALPHA, use_dora=True)
+    layer = keras_lora.lora_layers(model)["lin"]
+    layer.lora_a.assign(A)
+    layer.lora_b.assign(B)
+    return model, layer
+
+
+def test_magnitude_starts_at_the_kernel_norm_and_changes_nothing():
+    inputs = keras.Input((D_IN,))
+    dense = layers.Dense(D_OUT, name="lin")
+    model = keras.Model(inputs, dense(inputs))
+    dense.kernel.assign(W)
+    base = to_numpy(model(X))
+    keras_lora.apply_lora(model, rank=RANK, use_dora=True)
+    adapter = keras_lora.lora_layers(model)["lin"].adapters["default"]
+    np.testing.assert_allclose(to_numpy(adapter.lora_magnitude),
+                               np.linalg.norm(W, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(model(X)), base, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_equals_peft():
+    expected, _, _ = peft_reference()
+    model, _ = keras_dora()
+    np.testing.assert_allclose(to_numpy(model(X)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_magnitude_is_initialized_like_peft():
+    _, peft_magnitude, _ = peft_reference()
+    inputs = keras.Input((D_IN,))
+    dense = layers.Dense(D_OUT, name="lin")
+    model = keras.Model(inputs, dense(inputs))
+    dense.kernel.assign(W)
+    keras_lora.apply_lora(model, rank=RANK, alpha=ALPHA, use_dora=True)
+    adapter = keras_lora.lora_layers(model)["lin"].adapters["default"]
+    # PEFT initializes m = ‖W + s·AᵀB‖ with B = 0 at creation: ‖W‖.
+    np.testing.assert_allclose(to_numpy(adapter.lora_magnitude), peft_magnitude,
+                               rtol=1e-5)
+
+
+def test_one_gradient_step_equals_peft():
+    _, peft_magnitude, (grad_a, grad_b, grad_m) = peft_reference()
+    model, layer = keras_dora()
+    adapter = layer.adapters["default"]
+    adapter.lora_magnitude.assign(peft_magnitude)
+    model.compile(keras.optimizers.SGD(1.0), "mse")
+    before = [to_numpy(v).copy() for v in (adapter.lora_a, adapter.lora_b,
+                                           adapter.lora_magnitude)]
+    model.train_on_batch(X, Y)
+    after = [to_numpy(v) for v in (adapter.lora_a, adapter.lora_b,
+                                   adapter.lora_magnitude)]
+    for new, old, grad in zip(after, before, (grad_a, grad_b, grad_m)):
+        np.testing.assert_allclose(old - new, grad, rtol=1e-4, atol=1e-5)
+
+
+def test_call_never_forms_the_full_kernel_update(monkeypatch):
+    model, layer = keras_dora()
+    expected = to_numpy(model(X))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the d_in x d_out update was formed in call")
+
+    monkeypatch.setattr(type(layer), "_delta_kernel", forbidden)
+    np.testing.assert_allclose(to_numpy(model(X)), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_merge_folds_dora_exactly(in_place):
+    model, _ = keras_dora()
+    expected = to_numpy(model(X))
+    merged = keras_lora.merge_lora(model, in_place=in_place)
+    np.testing.assert_allclose(to_numpy(merged(X)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unmerge_adapters():
+    model, _ = keras_dora()
+    expected = to_numpy(model(X))
+    keras_lora.merge_adapters(model)
+    np.testing.assert_allclose(to_numpy(model(X)), expected, rtol=1e-5, atol=1e-5)
+    keras_lora.unmerge_adapters(model)
+    np.testing.assert_allclose(to_numpy(model(X)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_with_the_contracted_axis_in_the_middle_merges_exactly():
+    inputs = keras.Input((3, 6))
+    query = layers.EinsumDense("btd,ndh->btnh", (3, 2, 4), name="query")
+    model = keras.Model(inputs, query(inputs))
+    keras_lora.apply_lora(model, rank=2, use_dora=True)
+    layer = keras_lora.lora_layers(model)["query"]
+    layer.lora_b.assign(RNG.normal(size=layer.lora_b.shape).astype("float32"))
+    adapter = layer.adapters["default"]
+    adapter.lora_magnitude.assign(
+        RNG.uniform(0.5, 2.0, size=adapter.lora_magnitude.shape).astype("float32"))
+    x = RNG.normal(size=(2, 3, 6)).astype("float32")
+    expected = to_numpy(model(x))
+    np.testing.assert_allclose(to_numpy(keras_lora.merge_lora(model)(x)), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_file_holds_the_magnitude_and_round_trips(tmp_path):
+    model, layer = keras_dora()
+    layer.adapters["default"].lora_magnitude.assign(np.full((D_OUT,), 1.5, "float32"))
+    path = str(tmp_path / "dora.safetensors")
+    keras_lora.save_adapter(model, path)
+    adapter = keras_lora.read_adapter(path)
+    assert adapter.layers["lin"].use_dora
+    assert adapter.tensors["lin/lora_magnitude"].shape == (D_OUT,)
+    inputs = keras.Input((D_IN,))
+    dense = layers.Dense(D_OUT, name="lin")
+    fresh = keras.Model(inputs, dense(inputs))
+    dense.kernel.assign(W)
+    dense.bias.assign(BIAS)
+    keras_lora.load_adapter(fresh, path)
+    np.testing.assert_allclose(to_numpy(fresh(X)), to_numpy(model(X)), rtol=1e-5, atol=1e-5)
+
+
+def test_dora_beside_plain_lora_adapters():
+    model, layer = keras_dora()
+    dora_only = to_numpy(model(X))
+    keras_lora.add_adapter(model, "plain", rank=2)
+    plain = keras_lora.lora_layers(model)["lin"].adapters["plain"]
+    plain.lora_b.assign(RNG.normal(size=plain.lora_b.shape).astype("float32"))
+    keras_lora.set_adapter(model, ["default", "plain"])
+    expected = to_numpy(keras_lora.merge_lora(model)(X))
+    np.testing.assert_allclose(to_numpy(model(X)), expected, rtol=1e-5, atol=1e-5)
+    keras_lora.set_adapter(model, "default")
+    np.testing.assert_allclose(to_numpy(model(X)), dora_only, rtol=1e-6, atol=1e-6)
+    assert {v.name for v in model.trainable_weights} == {"lora_a", "lora_b", "lora_magnitude"}
+
+
+def test_dora_is_refused_where_it_does_not_fit():
+    inputs = keras.Input((3, 4))
+    model = keras.Model(inputs, layers.EinsumDense("abc,cd->adb", (5, 3), name="e")(inputs))
+    with pytest.raises(ValueError, match="use_dora=True.*equation"):
+        keras_lora.apply_lora(model, rank=2, use_dora=True)
+    assert not keras_lora.lora_layers(model)
+    with pytest.raises(TypeError, match="use_dora"):
+        keras_lora.apply_lora(model, rank=2, use_dora="yes")
