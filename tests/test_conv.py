@@ -362,3 +362,25 @@ def test_extend_layout_map_derives_table_and_conv_adapter_layouts():
     assert layout_map[f"{table_dir}/lora_b"].axes == (None, "batch")
     assert layout_map[f"{conv_dir}/lora_a"].axes == (None, None, None, "batch")
     assert layout_map[f"{conv_dir}/lora_b"].axes == (None, "model")
+
+
+def test_two_named_adapters_add_up_and_merge():
+    model = keras_lora.apply_lora(cnn(), rank=2, targets="conv")
+    keras_lora.add_adapter(model, "second", rank=3, targets="conv")
+    keras_lora.set_adapter(model, ["default", "second"])
+    layer = keras_lora.lora_layers(model)["conv"]
+    generator = rng()
+    delta = 0.0
+    for adapter in layer.adapters.values():
+        adapter.lora_b.assign(
+            generator.normal(size=adapter.lora_b.shape).astype("float32"))
+        delta = delta + adapter.scaling * np.tensordot(
+            to_np(adapter.lora_a), to_np(adapter.lora_b), axes=[[0], [0]])
+    x = images()
+    twin = keras.layers.Conv2D(4, 3, activation="relu")
+    twin.build(x.shape)
+    twin.set_weights([to_np(layer.kernel) + delta, to_np(layer.bias)])
+    np.testing.assert_allclose(to_np(layer(x)), to_np(twin(x)), rtol=1e-4, atol=1e-5)
+    expected = to_np(model(x))
+    keras_lora.merge_adapters(model)
+    np.testing.assert_allclose(to_np(model(x)), expected, rtol=1e-4, atol=1e-5)

@@ -322,3 +322,21 @@ def test_adapters_created_under_model_parallel_follow_the_table_layout():
     lora = keras_lora.lora_layers(model)["token_embedding"]
     assert distribution.get_variable_layout(lora.lora_a).axes == (None, "model")
     assert distribution.get_variable_layout(lora.lora_b).axes == (None, "batch")
+
+
+def test_two_named_adapters_add_up_in_both_tied_directions():
+    model = keras.Sequential([keras.Input((4,), dtype="int32"),
+                              keras.layers.ReversibleEmbedding(VOCAB, DIM, name="table")])
+    keras_lora.apply_lora(model, rank=2, targets="table")
+    keras_lora.add_adapter(model, "second", rank=3, targets="table")
+    keras_lora.set_adapter(model, ["default", "second"])
+    layer = keras_lora.lora_layers(model)["table"]
+    rng = np.random.default_rng(4)
+    expected = to_np(layer.kernel).copy()
+    for adapter in layer.adapters.values():
+        adapter.lora_b.assign(rng.normal(size=adapter.lora_b.shape).astype("float32"))
+        expected += adapter.scaling * to_np(adapter.lora_a).T @ to_np(adapter.lora_b)
+    np.testing.assert_allclose(to_np(layer(IDS)), expected[IDS], rtol=1e-5, atol=1e-5)
+    x = hidden()
+    np.testing.assert_allclose(to_np(layer(x, reverse=True)), x @ expected.T,
+                               rtol=1e-5, atol=1e-5)
