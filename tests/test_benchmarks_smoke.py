@@ -139,3 +139,28 @@ def test_page_has_the_tables_chart_and_command(quick_run):
         assert heading in text
     assert "python benchmarks/run.py --quick --in-process" in text
     assert (folder / "benchmarks_step_ratios.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def mixed_batch_rows(tmp_path_factory):
+    from benchmarks import mixed_batch
+
+    path = tmp_path_factory.mktemp("bench") / "mixed_batch.json"
+    mixed_batch.main(["--quick", "--json", str(path)])
+    with open(path) as file:
+        return json.load(file)
+
+
+def test_mixed_batch_quick_run_times_every_variant_and_the_switch(mixed_batch_rows):
+    from benchmarks import mixed_batch
+
+    assert mixed_batch_rows["backend"] == keras.backend.backend()
+    (row,) = mixed_batch_rows["rows"]
+    assert row["adapters"] == 4 and row["targets"] == "all-linear"
+    assert set(row["median_ms"]) == set(mixed_batch.VARIANTS)
+    assert len(row["ratios"]) == 3
+    assert all(value > 0 for value in row["ratios"].values())
+    assert row["max_abs_diff_mixed_vs_single"] <= 1e-4
+    switching = row["switching"]
+    assert switching["switch_and_predict_ms"] > 0
+    assert isinstance(switching["retraced"], bool)
