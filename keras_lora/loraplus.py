@@ -189,6 +189,11 @@ class LoRAPlusOptimizer(keras.optimizers.Optimizer):
             self.build(trainable_variables)
         self.inner_optimizer.apply(grads, trainable_variables)
 
+    def apply_gradients(self, grads_and_vars):
+        grads, trainable_variables = zip(*grads_and_vars)
+        self.apply(list(grads), list(trainable_variables))
+        return self.iterations
+
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         return self.inner_optimizer.stateless_apply(
             optimizer_variables, grads, trainable_variables

@@ -84,6 +84,24 @@ def test_every_adapter_b_of_an_adapted_model_is_found():
     assert names == ["hidden/lora_b", "out/lora_b"]
 
 
+def test_b_of_every_named_adapter_is_found():
+    model = adapted_model()
+    keras_lora.add_adapter(model, "second", rank=2)
+    keras_lora.set_adapter(model, "second")
+    b = [v for v in model.trainable_variables if is_lora_b(v)]
+    assert len(b) == 2
+    assert all(v.path.endswith("lora_b") and "second" in v.path for v in b)
+
+
+def test_apply_gradients_returns_the_step_count():
+    variables, grads = variables_and_grads()
+    optimizer = keras_lora.loraplus_optimizer(keras.optimizers.SGD(0.1))
+    grads = [keras.ops.convert_to_tensor(g) for g in grads]
+    optimizer.apply_gradients(zip(grads, variables))
+    step = optimizer.apply_gradients(zip(grads, variables))
+    assert int(to_np(step)) == 2
+
+
 def test_adam_b_step_is_ratio_times_a_step_each_equal_to_plain_adam():
     variables, grads = variables_and_grads()
     before = [to_np(v).copy() for v in variables]
@@ -218,6 +236,35 @@ def test_fit_decreases_the_loss():
     losses = history.history["loss"]
     assert losses[-1] < 0.9 * losses[0]
     assert int(to_np(model.optimizer.iterations)) == 30
+
+
+def test_fit_under_mixed_float16_wraps_it_in_loss_scaling():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = adapted_model()
+    model.compile(
+        optimizer=keras_lora.loraplus_optimizer(keras.optimizers.Adam(1e-2)),
+        loss="mse",
+    )
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert isinstance(model.optimizer.inner_optimizer, LoRAPlusOptimizer)
+    x, y = data()
+    history = model.fit(x, y, batch_size=8, epochs=10, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < losses[0]
+
+
+def test_fit_with_ema_on_the_wrapped_optimizer():
+    model = adapted_model()
+    model.compile(
+        optimizer=keras_lora.loraplus_optimizer(
+            keras.optimizers.Adam(1e-2, use_ema=True)
+        ),
+        loss="mse",
+    )
+    x, y = data()
+    history = model.fit(x, y, batch_size=8, epochs=10, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < losses[0]
 
 
 def test_config_round_trip():
