@@ -164,3 +164,16 @@ def test_mixed_batch_quick_run_times_every_variant_and_the_switch(mixed_batch_ro
     switching = row["switching"]
     assert switching["switch_and_predict_ms"] > 0
     assert isinstance(switching["retraced"], bool)
+
+
+def test_dora_quick_run_compares_dora_with_lora(capsys):
+    from benchmarks import dora
+
+    result = dora.main(["--quick"])
+    assert result["backend"] == keras.backend.backend()
+    rows = result["keras_lora"]
+    assert rows and all(row["dora/lora"] > 0 for row in rows.values())
+    if keras.backend.backend() == "torch":
+        assert result["peft_mlp"]["peft_dora/peft_lora"] > 0
+    else:
+        assert result["peft_mlp"]["status"] == "skipped"
