@@ -11,6 +11,7 @@ import numpy as np
 from keras import ops
 
 from keras_lora import adapter_matching as matching
+from keras_lora import init_methods
 from keras_lora import multi
 from keras_lora import surgery
 from keras_lora import trained_weights
@@ -72,12 +73,27 @@ def save_adapter(model, path, adapter_name=None):
         )
     name = _chosen_adapter(model, adapter_name, "save_adapter")
     layers = matching.views_of(all_layers, name)
+    _check_initial_factors(layers, name)
     tensors, records = {}, {}
     for layer_path, layer in layers.items():
-        for name in ("lora_a", "lora_b"):
-            value = np.ascontiguousarray(
-                ops.convert_to_numpy(getattr(layer, name).value), "float32"
+        record = matching.record_of(layer)
+        values = {
+            key: ops.convert_to_numpy(getattr(layer, key).value)
+            for key in ("lora_a", "lora_b")
+        }
+        if layer.adapter.initial_factors is not None:
+            # PiSSA / OLoRA: PEFT's plain LoRA of rank 2r for the original
+            # base (the residual kernel is not in the file).
+            values["lora_a"], values["lora_b"], alpha = (
+                init_methods.converted_factors(layer.adapter)
             )
+            record.update(
+                rank=2 * layer.rank, alpha=alpha,
+                lora_a_shape=list(values["lora_a"].shape),
+                lora_b_shape=list(values["lora_b"].shape),
+            )
+        for name in ("lora_a", "lora_b"):
+            value = np.ascontiguousarray(values[name], "float32")
             if not np.all(np.isfinite(value)):
                 raise ValueError(
                     f"save_adapter: layer '{layer_path}': {name} holds NaN "
@@ -88,7 +104,7 @@ def save_adapter(model, path, adapter_name=None):
             tensors[f"{layer_path}/lora_magnitude"] = np.ascontiguousarray(
                 ops.convert_to_numpy(layer.lora_magnitude.value), "float32"
             )
-        records[layer_path] = matching.record_of(layer)
+        records[layer_path] = record
     extras, trainable_layers = matching.trained_extras(model, layers)
     keys = matching.layer_keys(model)
     owners = set(records) | set(trainable_layers) | {
@@ -168,13 +184,33 @@ def load_adapter(model, path, adapter_name=None):
     validate_adapter_name(adapter_name, "load_adapter: ")
     layers = surgery.lora_layers(model)
     views = matching.views_of(layers, adapter_name)
-    if views and matching.fits_in_place(views, adapter):
+    # A PiSSA / OLoRA adapter sits on residual kernels: replace it (which
+    # restores them) rather than assigning the file's values in place.
+    residual = any(v.adapter.initial_factors is not None for v in views.values())
+    if views and not residual and matching.fits_in_place(views, adapter):
         _load_in_place(model, views, adapter)
     elif not names or names == [adapter_name]:
         _load_replacing(model, views, adapter, adapter_name)
     else:
         _load_as_named(model, adapter, adapter_name, replace=bool(views))
     return model
+
+
+def _check_initial_factors(views, adapter_name):
+    """A PiSSA / OLoRA adapter whose initial factors are gone (the model was
+    re-created from a config or a `.keras` file) cannot be converted."""
+    for path, view in views.items():
+        if init_methods.modifies_base(view.adapter.init) and (
+            view.adapter.initial_factors is None
+        ):
+            raise ValueError(
+                f"save_adapter: layer '{path}': adapter {adapter_name!r} was "
+                f"initialized with init={view.adapter.init!r}, but its initial "
+                "factors are not known in this process (they are kept in "
+                "memory from `apply_lora` / `add_adapter`), so no adapter for "
+                "the original base can be written. Save it from the model "
+                "that was initialized, or use `merge_lora`."
+            )
 
 
 def _chosen_adapter(model, adapter_name, who):
@@ -242,6 +278,9 @@ def _load_replacing(model, adapted, adapter, adapter_name):
         )
     with Transaction(model) as change:
         for entry in surgery.lora_entries(model):
+            init_methods.restore_base_kernel(
+                entry.layer, list(entry.layer.adapters), change
+            )
             for parent in entry.parents:
                 change.swap(parent, entry.layer, entry.layer.base_layer)
         matching.check_base_model(model, adapter)

@@ -9,6 +9,7 @@ a failure leaves the model as it was; switching only changes which adapters
 are applied and trainable.
 """
 
+from keras_lora import init_methods
 from keras_lora import surgery
 from keras_lora import trained_weights
 from keras_lora.layers.adapter import validate_adapter_name
@@ -113,7 +114,9 @@ def add_adapter(model, adapter_name, rank=8, targets=None, **apply_lora_argument
     layers not yet adapted become LoRA layers holding only this adapter. On
     a model without LoRA layers it is `apply_lora(..., adapter_name=...)`
     and the adapter is active. Otherwise it is not active until
-    `set_adapter` (as in PEFT).
+    `set_adapter` (as in PEFT). `init="pissa"` / `"olora"` (see
+    `apply_lora`) replaces the kernels by their residuals, which the other
+    adapters then see too (as in PEFT); `delete_adapter` puts them back.
 
     Args:
         model: a built Keras model.
@@ -160,7 +163,7 @@ def add_adapter(model, adapter_name, rank=8, targets=None, **apply_lora_argument
             # A layer holding only the new adapter, initialized as planned.
             fresh = item.lora_class(
                 base_layer=item.layer, rank=item.rank, alpha=item.alpha,
-                active_adapters=active, **plan.options,
+                active_adapters=active, **surgery.layer_options(plan, item),
             )
             fresh._check_initial_values()
             previous = old.get(id(item.layer))
@@ -168,6 +171,8 @@ def add_adapter(model, adapter_name, rank=8, targets=None, **apply_lora_argument
                 previous, previous.adapter_specs + fresh.adapter_specs,
                 active, values_from=(previous, fresh),
             )
+            # PiSSA / OLoRA change the kernel all adapters share (as PEFT).
+            init_methods.initialize(layer, adapter_name, plan.init, change)
             for parent in item.parents:
                 change.swap(parent, item.layer, layer)
             surgery.register_owner(layer, model)
@@ -232,6 +237,8 @@ def delete_adapter(model, adapter_name):
     with Transaction(model) as change:
         for entry in surgery.lora_entries(model):
             layer = entry.layer
+            # A PiSSA / OLoRA adapter leaving gives the kernel its part back.
+            init_methods.restore_base_kernel(layer, [adapter_name], change)
             specs = [s for s in layer.adapter_specs if s.name != adapter_name]
             if len(specs) == len(layer.adapter_specs):
                 replacement = None
@@ -273,6 +280,10 @@ def _with_adapters(layer, specs, active, values_from):
         for variable, value in zip(adapter.variables,
                                    source.adapters[name].variables):
             variable.assign(value.value)
+        init_methods.copy_initial_factors(source.adapters[name], adapter)
+    # The first adapter's spec was rebuilt from arguments, which lack `init`.
+    new._specs[0] = first
+    new.adapters[first.name].spec = first
     return new
 
 

@@ -11,6 +11,7 @@ import keras
 
 from keras_lora import config as lora_config
 from keras_lora import hub
+from keras_lora import init_methods
 from keras_lora import model_walk
 from keras_lora import targeting
 from keras_lora import trained_weights
@@ -52,6 +53,7 @@ class LoraPlan:
     trainable_layers: list
     options: dict
     narrow: list
+    init: str = "default"
 
     @property
     def paths(self):
@@ -74,6 +76,7 @@ def apply_lora(
     lora_b_initializer="zeros",
     adapter_name="default",
     use_dora=False,
+    init="default",
 ):
     """Adapts a built model with LoRA, in place, and returns it.
 
@@ -125,6 +128,14 @@ def apply_lora(
             `keras_lora/layers/dora.py`) on Dense / EinsumDense layers: a
             trainable magnitude per output unit, the norm computed from
             small products, never from `W + s·A·B`.
+        init: how the adapters start (PEFT's `init_lora_weights`, see
+            `keras_lora.init_methods`): `"default"` (the initializers),
+            `"gaussian"` (`A ~ N(0, 1/rank²)`, `B = 0`), `"pissa"` /
+            `"pissa_niter_N"` (top singular triplets of each kernel, exact
+            or randomized with `N` subspace iterations) or `"olora"` (QR).
+            PiSSA and OLoRA (Dense / EinsumDense only) replace each base
+            kernel by the residual `W − s·A·B`, so outputs are unchanged;
+            `save_adapter` then writes an adapter for the original base.
 
     Returns:
         `model`, adapted.
@@ -153,7 +164,7 @@ def apply_lora(
         alpha_pattern=alpha_pattern, train_bias=train_bias,
         trainable=trainable, lora_a_initializer=lora_a_initializer,
         lora_b_initializer=lora_b_initializer, adapter_name=adapter_name,
-        use_dora=use_dora,
+        use_dora=use_dora, init=init,
     )
     with Transaction(model) as change:
         execute_plan(plan, change)
@@ -166,7 +177,7 @@ def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
               dropout=0.0, use_rslora=False, rank_pattern=None,
               alpha_pattern=None, train_bias=False, trainable=None,
               lora_a_initializer="he_uniform", lora_b_initializer="zeros",
-              adapter_name="default", use_dora=False):
+              adapter_name="default", use_dora=False, init="default"):
     """Validates an `apply_lora` request and lists what it would adapt.
 
     Nothing is changed. Takes `apply_lora`'s arguments.
@@ -182,6 +193,10 @@ def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
     lora_config.validate_bool(use_rslora, "use_rslora", "apply_lora: ")
     lora_config.validate_bool(train_bias, "train_bias", "apply_lora: ")
     lora_config.validate_bool(use_dora, "use_dora", "apply_lora: ")
+    init_methods.validate_init(init, "apply_lora: ")
+    init_methods.check_initializers(
+        init, lora_a_initializer, lora_b_initializer, "apply_lora: "
+    )
     for name, pattern_map in (("rank_pattern", rank_pattern),
                               ("alpha_pattern", alpha_pattern)):
         if pattern_map is not None and not isinstance(
@@ -255,6 +270,10 @@ def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
         lora_class._check_base_layer(entry.layer)
         if use_dora:
             lora_class._check_dora(entry.layer, f"apply_lora: layer '{entry.path}': ")
+        init_methods.check_layer(
+            lora_class, entry.layer, layer_rank, init, use_dora,
+            f"apply_lora: layer '{entry.path}': ",
+        )
         width = lora_class.width_below_rank(entry.layer, layer_rank)
         if width is not None:
             narrow.append((entry.path, *width, layer_rank))
@@ -275,7 +294,8 @@ def plan_lora(model, rank=8, alpha=None, targets=None, exclude=None,
         use_dora=bool(use_dora), **initializers,
     )
     return LoraPlan(
-        model, plans, [e.layer for e in trainable_layers], options, narrow
+        model, plans, [e.layer for e in trainable_layers], options, narrow,
+        init,
     )
 
 
@@ -297,10 +317,14 @@ def execute_plan(plan, change):
     adapted = [
         item.lora_class(
             base_layer=item.layer, rank=item.rank, alpha=item.alpha,
-            **plan.options,
+            **layer_options(plan, item),
         )
         for item in plan.layers
     ]
+    for lora_layer in adapted:
+        init_methods.initialize(
+            lora_layer, plan.options["adapter_name"], plan.init, change
+        )
     for item, lora_layer in zip(plan.layers, adapted):
         for parent in item.parents:
             change.swap(parent, item.layer, lora_layer)
@@ -311,6 +335,14 @@ def execute_plan(plan, change):
     for lora_layer in adapted:
         register_owner(lora_layer, plan.model)
     return adapted
+
+
+def layer_options(plan, item):
+    """The LoRA layer arguments for one planned layer (`plan.options`, with
+    the per-layer initializer `plan.init` may need)."""
+    return init_methods.layer_options(
+        plan.options, item.lora_class, item.rank, plan.init
+    )
 
 
 def warn_narrow_layers(plan):

@@ -13,6 +13,7 @@ import keyword
 from keras import initializers
 
 from keras_lora import config as lora_config
+from keras_lora import init_methods
 
 DEFAULT_ADAPTER = "default"
 
@@ -55,11 +56,13 @@ class AdapterSpec:
     lora_a_initializer: object = "he_uniform"
     lora_b_initializer: object = "zeros"
     use_dora: bool = False
+    # How the adapter was initialized (see `keras_lora.init_methods`).
+    init: str = "default"
 
     @classmethod
     def validated(cls, name, rank, alpha=None, use_rslora=False, dropout=0.0,
                   lora_a_initializer="he_uniform", lora_b_initializer="zeros",
-                  use_dora=False, where=""):
+                  use_dora=False, init="default", where=""):
         """An `AdapterSpec` from raw arguments, every value checked."""
         validate_adapter_name(name, where)
         rank = lora_config.validate_rank(rank, where)
@@ -68,11 +71,12 @@ class AdapterSpec:
         use_rslora = lora_config.validate_bool(use_rslora, "use_rslora", where)
         lora_config.validate_scaling(rank, alpha, use_rslora, where)
         use_dora = lora_config.validate_bool(use_dora, "use_dora", where)
+        init = init_methods.validate_init(init, where)
         return cls(
             name, rank, alpha, use_rslora, dropout,
             initializers.get(lora_a_initializer),
             initializers.get(lora_b_initializer),
-            use_dora,
+            use_dora, init,
         )
 
     @property
@@ -90,6 +94,7 @@ class AdapterSpec:
             "lora_a_initializer": initializers.serialize(self.lora_a_initializer),
             "lora_b_initializer": initializers.serialize(self.lora_b_initializer),
             "use_dora": self.use_dora,
+            "init": self.init,
         }
 
     @classmethod
@@ -109,6 +114,8 @@ class Adapter:
             axes (float32), or `None`.
         kernel_norm_sq: DoRA's `‖W_j‖²` per output unit, a non-trainable
             variable computed once from the frozen kernel, or `None`.
+        initial_factors: `(A₀, B₀)` host copies for a PiSSA / OLoRA adapter
+            (see `keras_lora.init_methods`), else `None`.
     """
 
     def __init__(self, spec, lora_a, lora_b, lora_magnitude=None,
@@ -118,6 +125,7 @@ class Adapter:
         self.lora_b = lora_b
         self.lora_magnitude = lora_magnitude
         self.kernel_norm_sq = kernel_norm_sq
+        self.initial_factors = None
 
     name = property(lambda self: self.spec.name)
     rank = property(lambda self: self.spec.rank)
@@ -126,6 +134,7 @@ class Adapter:
     dropout = property(lambda self: self.spec.dropout)
     scaling = property(lambda self: self.spec.scaling)
     use_dora = property(lambda self: self.spec.use_dora)
+    init = property(lambda self: self.spec.init)
 
     @property
     def variables(self):
