@@ -12,8 +12,13 @@ __version__ = "0.1.0"
 
 # {public name: module defining it}
 _EXPORTS = {
+    "LoRAConv1D": "keras_lora.layers",
+    "LoRAConv2D": "keras_lora.layers",
+    "LoRAConv3D": "keras_lora.layers",
     "LoRADense": "keras_lora.layers",
     "LoRAEinsumDense": "keras_lora.layers",
+    "LoRAEmbedding": "keras_lora.layers",
+    "LoRAReversibleEmbedding": "keras_lora.layers",
     "LoRALayer": "keras_lora.layers",
     "active_adapters": "keras_lora.multi",
     "add_adapter": "keras_lora.multi",

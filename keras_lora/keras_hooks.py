@@ -103,6 +103,9 @@ def _save_model_wrapper(keras_save_model):
 
 def _load_model_wrapper(keras_load_model):
     def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+        # Importing these registers keras-lora's serializable classes (LoRA
+        # layers, the LoRA+ optimizer) for files that name them.
+        from keras_lora import loraplus  # noqa: F401
         from keras_lora import model_io
 
         if not model_io.holds_adapter(filepath):

@@ -25,8 +25,9 @@ def test_a_dense_subclass_is_adapted_by_lora_dense():
 
 
 def test_unsupported_layers_get_none():
-    assert lora_class_for(keras.layers.Conv2D(2, 3)) is None
-    assert lora_class_for(keras.layers.Embedding(10, 2)) is None
+    assert lora_class_for(keras.layers.Conv2DTranspose(2, 3)) is None
+    assert lora_class_for(keras.layers.DepthwiseConv2D(3)) is None
+    assert lora_class_for(keras.layers.LSTM(2)) is None
 
 
 def test_a_lora_layer_is_not_adapted_again():
@@ -34,4 +35,7 @@ def test_a_lora_layer_is_not_adapted_again():
 
 
 def test_supported_types_names_the_base_classes():
-    assert supported_types() == ["EinsumDense", "Dense"]
+    assert supported_types() == [
+        "EinsumDense", "Dense", "ReversibleEmbedding", "Embedding",
+        "Conv1D", "Conv2D", "Conv3D",
+    ]
