@@ -326,7 +326,12 @@ def input_structure(mixed_model):
 
 
 def _fresh_input(tensor):
-    name = getattr(tensor, "name", None)
+    # The input layer's name, which a saved and loaded model keeps (a
+    # symbolic tensor's own automatic name is not kept).
+    history = getattr(tensor, "_keras_history", None)
+    name = getattr(getattr(history, "operation", None), "name", None)
+    if not name:
+        name = getattr(tensor, "name", None)
     if name and name.startswith("keras_tensor"):
         name = None  # an automatic name: let Keras choose a fresh one
     return keras.Input(
