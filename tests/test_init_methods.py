@@ -308,3 +308,18 @@ def test_save_refuses_a_pissa_adapter_without_initial_factors(tmp_path):
     with pytest.raises(ValueError, match="layer 'up'.*init='olora'"):
         keras_lora.save_adapter(model, str(tmp_path / "a.safetensors"))
     assert not list(tmp_path.iterdir())
+
+
+def test_keras_file_round_trip_keeps_the_residual_model(tmp_path):
+    model = trained("olora")
+    expected = model.predict(X, verbose=0)
+    model.save(str(tmp_path / "m.keras"))
+    loaded = keras.saving.load_model(str(tmp_path / "m.keras"))
+    np.testing.assert_allclose(loaded.predict(X, verbose=0), expected, atol=1e-5)
+
+
+def test_gaussian_works_with_dora():
+    expected = mlp().predict(X, verbose=0)
+    model = keras_lora.apply_lora(mlp(), rank=RANK, init="gaussian", use_dora=True)
+    np.testing.assert_allclose(model.predict(X, verbose=0), expected, atol=1e-5)
+    assert keras_lora.lora_layers(model)["up"].use_dora
