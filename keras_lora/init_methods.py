@@ -104,6 +104,31 @@ def check_layer(lora_class, base_layer, rank, init, use_dora, where=""):
         )
 
 
+def check_beside(layer, init, use_dora, where=""):
+    """Raises a `ValueError` if a new adapter cannot sit beside `layer`'s.
+
+    DoRA adapters normalize by the kernel, which PiSSA / OLoRA replace (and
+    `delete_adapter` restores): the two do not share a layer.
+    """
+    dora = [a.name for a in layer.adapters.values() if a.use_dora]
+    residual = [
+        a.name for a in layer.adapters.values()
+        if getattr(a, "initial_factors", None) is not None
+    ]
+    if modifies_base(init) and dora:
+        raise ValueError(
+            f"{where}init={init!r} would replace the kernel that the DoRA "
+            f"adapter(s) {dora} of this layer normalize by. Received: "
+            f"init={init!r}"
+        )
+    if use_dora and residual:
+        raise ValueError(
+            f"{where}this layer's kernel is the residual of PiSSA / OLoRA "
+            f"adapter(s) {residual}, which a DoRA adapter cannot normalize "
+            "by. Received: use_dora=True"
+        )
+
+
 def layer_options(options, lora_class, rank, init):
     """The LoRA layer arguments for one layer: `options`, with `"gaussian"`'s
     `lora_a_initializer` (`std = 1/rank`, rank per layer)."""

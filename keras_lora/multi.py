@@ -160,13 +160,18 @@ def add_adapter(model, adapter_name, rank=8, targets=None, **apply_lora_argument
         planned = set()
         for item in plan.layers:
             planned.add(id(item.layer))
+            previous = old.get(id(item.layer))
+            if previous is not None:
+                init_methods.check_beside(
+                    previous, plan.init, plan.options["use_dora"],
+                    f"add_adapter: layer '{item.path}': ",
+                )
             # A layer holding only the new adapter, initialized as planned.
             fresh = item.lora_class(
                 base_layer=item.layer, rank=item.rank, alpha=item.alpha,
                 active_adapters=active, **surgery.layer_options(plan, item),
             )
             fresh._check_initial_values()
-            previous = old.get(id(item.layer))
             layer = fresh if previous is None else _with_adapters(
                 previous, previous.adapter_specs + fresh.adapter_specs,
                 active, values_from=(previous, fresh),

@@ -323,3 +323,16 @@ def test_gaussian_works_with_dora():
     model = keras_lora.apply_lora(mlp(), rank=RANK, init="gaussian", use_dora=True)
     np.testing.assert_allclose(model.predict(X, verbose=0), expected, atol=1e-5)
     assert keras_lora.lora_layers(model)["up"].use_dora
+
+
+@pytest.mark.parametrize("first, second", [
+    (dict(use_dora=True), dict(init="pissa")),
+    (dict(init="olora"), dict(use_dora=True)),
+])
+def test_dora_and_residual_adapters_do_not_share_a_layer(first, second):
+    model = keras_lora.apply_lora(mlp(), rank=RANK, **first)
+    kernel = to_numpy(model.get_layer("up").kernel.value)
+    with pytest.raises(ValueError, match="layer 'up'.*DoRA"):
+        keras_lora.add_adapter(model, "second", rank=RANK, **second)
+    assert keras_lora.list_adapters(model) == ["default"]
+    np.testing.assert_array_equal(to_numpy(model.get_layer("up").kernel.value), kernel)
