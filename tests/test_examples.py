@@ -95,3 +95,15 @@ def test_merged_export_serves_without_keras_lora(example, quickstart_run, tmp_pa
     assert results["served_imports"] == "keras_lora imported: no"
     assert results["in_place_diff"] < 1e-4
     assert results["in_place_lora_layers"] == 0
+
+
+def test_multi_task_serving_trains_two_adapters_and_serves_both_from_one_saved_model(
+    example, tmp_path
+):
+    multi_task = example("multi_task_serving")
+    results = multi_task.main(quick=True, output_dir=str(tmp_path))
+
+    assert results["report"] == "keras_lora imported: no"
+    assert results["max_difference"] < 1e-4
+    assert results["served_accuracy"] == results["accuracy"]
+    assert all(value > 0.5 for value in results["accuracy"].values())
