@@ -150,6 +150,34 @@ def test_keras_hub_backbone_takes_adapter_index_as_an_input_key():
     )
 
 
+def test_export_of_a_keras_hub_backbone_serves_adapter_index_as_a_key(tmp_path):
+    import keras_hub
+    import tensorflow as tf
+
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=16,
+    )
+    model = keras_lora.apply_lora(backbone, rank=2)
+    keras_lora.add_adapter(model, "task_b", rank=4)
+    randomize(model, seed=2)
+    token_ids = np.array([[1, 2, 3, 0], [4, 5, 0, 0]], "int32")
+    inputs = {"token_ids": token_ids,
+              "padding_mask": (token_ids != 0).astype("int32"),
+              "adapter_index": np.array([1, 0], "int32")}
+    expected = to_numpy(
+        keras_lora.mixed_batch_model(model, ["default", "task_b"])(inputs)
+    )
+    path = str(tmp_path / "served")
+    keras_lora.export_multi_adapter(model, path, ["default", "task_b"])
+    served = tf.saved_model.load(path)
+    np.testing.assert_allclose(served.serve(inputs).numpy(), expected,
+                               atol=1e-4)
+    signature = served.signatures["serving_default"]
+    assert sorted(signature.structured_input_signature[1]) == [
+        "adapter_index", "padding_mask", "token_ids"]
+
+
 def _merged_model():
     model = three_adapters()
     keras_lora.merge_adapters(model)
