@@ -58,6 +58,11 @@ class LoRALayer(keras.layers.Layer):
         adapter_name: the first adapter's name (`"default"`).
         extra_adapters: configs (`AdapterSpec.get_config()`) of further
             adapters, created after the first (used by `from_config`).
+        use_dora: bool, the first adapter is a DoRA adapter (see
+            `keras_lora/layers/dora.py`).
+        init: how the first adapter was initialized (see
+            `keras_lora.init_methods`; recorded for serialization, the
+            initialization itself is done by `apply_lora`).
         active_adapters: names of the adapters to apply (default: the
             first). Names this layer lacks are allowed and contribute
             nothing (an adapter may cover a subset of a model's layers).
@@ -84,6 +89,7 @@ class LoRALayer(keras.layers.Layer):
         extra_adapters=None,
         active_adapters=None,
         use_dora=False,
+        init="default",
         **kwargs,
     ):
         # Validate everything before touching `base_layer`.
@@ -93,7 +99,7 @@ class LoRALayer(keras.layers.Layer):
         specs = [AdapterSpec.validated(
             adapter_name, rank, alpha, use_rslora, dropout,
             lora_a_initializer, lora_b_initializer, use_dora=use_dora,
-            where=where,
+            init=init, where=where,
         )]
         for config in extra_adapters or ():
             if isinstance(config, AdapterSpec):
@@ -697,6 +703,7 @@ class LoRALayer(keras.layers.Layer):
                 "lora_a_initializer": primary["lora_a_initializer"],
                 "lora_b_initializer": primary["lora_b_initializer"],
                 "use_dora": primary["use_dora"],
+                "init": primary["init"],
                 "train_bias": self.train_bias,
                 "adapter_enabled": self.adapter_enabled,
                 "merged": self.merged,
@@ -785,7 +792,7 @@ class _NullScope:
 # Arguments that belong to the wrapper itself, not to the base layer.
 _WRAPPER_ONLY = (
     "trainable", "adapter_enabled", "merged", "adapter_name",
-    "extra_adapters", "active_adapters", "use_dora",
+    "extra_adapters", "active_adapters", "use_dora", "init",
 )
 
 
