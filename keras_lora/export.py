@@ -308,16 +308,16 @@ def _write_artifact(model, artifact, format, spec, staging, signature,
     _export_in_subprocess(request, spec)
 
 
-def _export_in_subprocess(request, spec, worker=_WORKER,
+def _export_in_subprocess(request, spec, worker=None,
                           caller="export_merged"):
     """Runs `worker` (Python source ending in an export; `sys.argv[2]` is
-    the JSON `request`) in a `spec.backend`-backend process."""
+    the JSON `request`; default `_WORKER`) in a `spec.backend` process."""
     env = dict(os.environ, KERAS_BACKEND=spec.backend)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The child finds what this process imports (custom classes included).
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     result = subprocess.run(
-        [sys.executable, "-c", worker, str(os.getpid()),
+        [sys.executable, "-c", worker or _WORKER, str(os.getpid()),
          json.dumps(request)],
         env=env,
         capture_output=True,
