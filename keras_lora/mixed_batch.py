@@ -53,8 +53,8 @@ def mixed_batch_model(model, adapter_names):
     Raises:
         TypeError: if `adapter_names` is not a non-empty list of names.
         ValueError: for an unknown or duplicate name, a model without LoRA
-            layers or without declared inputs, merged adapters, or a layer
-            whose update cannot be routed per example.
+            layers or without declared inputs, merged adapters, DoRA
+            adapters, or a layer whose update cannot be routed per example.
 
     Example:
 
@@ -106,6 +106,13 @@ def check_request(model, adapter_names, who):
             )
         if not layer._present(names):
             continue
+        dora = [n for n in layer._present(names)
+                if getattr(layer.adapters[n], "use_dora", False)]
+        if dora:
+            raise ValueError(
+                f"{who}: adapter {dora[0]!r} of layer '{path}' is a DoRA "
+                "adapter; mixed batches route plain LoRA updates only."
+            )
         if not isinstance(layer, (LoRADense, LoRAEinsumDense)):
             raise ValueError(
                 f"{who}: layer '{path}' is a {type(layer).__name__}; mixed "

@@ -215,6 +215,15 @@ def test_an_embedding_adapter_in_a_mixed_batch_is_refused():
         keras_lora.mixed_batch_model(model, ["default"])
 
 
+def test_a_dora_adapter_in_a_mixed_batch_is_refused():
+    model = keras_lora.apply_lora(
+        keras.Sequential([keras.Input((6,)), layers.Dense(3)]), rank=2,
+        use_dora=True,
+    )
+    with pytest.raises(ValueError, match="DoRA"):
+        keras_lora.mixed_batch_model(model, ["default"])
+
+
 def test_export_is_served_by_plain_tensorflow(tmp_path):
     model = three_adapters()
     path = str(tmp_path / "served")
