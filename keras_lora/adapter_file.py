@@ -59,6 +59,9 @@ from keras_lora import adapter_schema as schema
 from keras_lora import atomic_files
 from keras_lora.adapter_schema import FORMAT_NAME  # noqa: F401
 from keras_lora.adapter_schema import FORMAT_VERSION  # noqa: F401
+
+# Since this version the header carries a digest of itself too.
+HEADER_DIGEST_SINCE = 4
 from keras_lora.adapter_schema import LORA_CLASS_NAMES  # noqa: F401
 from keras_lora.adapter_schema import RANK_FIRST_SINCE
 
@@ -266,7 +269,7 @@ def _document(records, arrays, extras, trainable_layers, layer_keys):
 
     import keras_lora
 
-    return {
+    document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "keras_lora_version": keras_lora.__version__,
@@ -280,6 +283,30 @@ def _document(records, arrays, extras, trainable_layers, layer_keys):
         "digests": {key: _digest(value) for key, value in arrays.items()},
         "layer_keys": layer_keys,
     }
+    return sealed(document)
+
+
+def sealed(document):
+    """`document` with its `header_digest`: the CRC-32 of the rest of the
+    header in a canonical JSON form (sorted keys, compact), so a changed
+    byte anywhere in the header (a layer key, a rank, an alpha) is found,
+    not only in the tensors.
+
+    Args:
+        document: a format 4 header as a dict.
+
+    Returns:
+        A new dict with `"header_digest"` set.
+    """
+    body = {key: value for key, value in document.items() if key != "header_digest"}
+    return {**body, "header_digest": header_digest(body)}
+
+
+def header_digest(document):
+    """The CRC-32 (8 hex digits) of `document` without its digest."""
+    body = {key: value for key, value in document.items() if key != "header_digest"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return f"{zlib.crc32(text.encode('utf-8')):08x}"
 
 
 def _non_finite_fields(records):
@@ -353,6 +380,15 @@ def _validate_document(text, tensor_names, where):
     expected = _expected_tensors(records, extra_tensors)
     _check_names(tensor_names, expected, where)
     digests = schema.parse_digests(document, list(expected), where)
+    if version >= HEADER_DIGEST_SINCE:
+        # Last: a header that breaks the schema is reported as such first.
+        recorded = document["header_digest"]
+        if not isinstance(recorded, str) or recorded != header_digest(document):
+            raise ValueError(
+                f"{where}: its header does not match its `header_digest` "
+                f"({recorded!r}): the header was changed after it was written "
+                "(corrupted or edited by hand)."
+            )
     return document, records, trainable_layers, extra_tensors, layer_keys, digests
 
 

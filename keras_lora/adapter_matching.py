@@ -106,10 +106,16 @@ def _short_name(variable):
 def trained_extras(model, adapted):
     """The trainable non-adapter weights as float32 arrays, and the paths
     of the fully trainable layers owning them (LoRA biases excluded)."""
+    # Every adapter variable of every LoRA layer (also of layers that lack
+    # the adapter being saved) is adapter state, never a trained extra.
+    all_lora = [
+        entry.layer for entry in model_walk.walk(model).values()
+        if isinstance(entry.layer, LoRALayer)
+    ]
     adapter_ids = {
         id(variable)
-        for view in adapted.values()
-        for adapter in view.layer.adapters.values()
+        for layer in all_lora
+        for adapter in layer.adapters.values()
         for variable in adapter.variables
     }
     trained = [v for v in model.trainable_weights if id(v) not in adapter_ids]

@@ -37,7 +37,7 @@ _TOP_LEVEL = {
         "backend", "layers"),
 }
 _TOP_LEVEL[2] = _TOP_LEVEL[3] = _TOP_LEVEL[1] + ("trainable_layers", "extra_tensors")
-_TOP_LEVEL[4] = _TOP_LEVEL[3] + ("digests", "layer_keys")
+_TOP_LEVEL[4] = _TOP_LEVEL[3] + ("digests", "layer_keys", "header_digest")
 # Record keys a file may leave out (their default: false).
 OPTIONAL_RECORD_FIELDS = ("use_dora",)
 RECORD_FIELDS = (

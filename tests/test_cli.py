@@ -288,7 +288,7 @@ def rewrite_header(source, target, change):
 
 
 def as_version_3(document):
-    del document["digests"], document["layer_keys"]
+    del document["digests"], document["layer_keys"], document["header_digest"]
     document["format_version"] = 3
 
 

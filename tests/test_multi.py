@@ -334,3 +334,16 @@ def test_model_save_round_trips_every_adapter_of_nested_layers(tmp_path):
     keras_lora.set_adapter(model, "default")
     np.testing.assert_allclose(to_numpy(loaded(x_data)), to_numpy(model(x_data)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_on_fewer_layers_saves_while_another_is_active(tmp_path):
+    model = keras_lora.apply_lora(base(), rank=2, adapter_name="task_b")
+    keras_lora.add_adapter(model, "task_c", rank=2, targets=["head"])
+    randomize(model, "task_c", 3)
+    keras_lora.set_adapter(model, "task_b")
+    path = str(tmp_path / "c.safetensors")
+    keras_lora.save_adapter(model, path, adapter_name="task_c")
+    assert list(keras_lora.read_adapter(path).layers) == ["head"]
+    keras_lora.set_adapter(model, "task_c")
+    single = keras_lora.load_adapter(base(), path)
+    np.testing.assert_allclose(to_numpy(single(X)), to_numpy(model(X)), rtol=1e-5, atol=1e-5)
