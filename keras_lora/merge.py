@@ -144,12 +144,8 @@ def disable_adapters(model):
     """Turns every LoRA layer's low-rank path off: the model computes the base.
 
     Takes effect at once, and returns a context manager that turns the
-    adapters back on when its block ends, as PEFT's `disable_adapter()`:
-
-    ```python
-    with keras_lora.disable_adapters(model):
-        base_outputs = model.predict(x)
-    ```
+    adapters back on when its block ends, as PEFT's `disable_adapter()`
+    (`with keras_lora.disable_adapters(model): ...`, see the example).
 
     Unlike `LoRALayer.disable_adapter()` on one layer, this also clears the
     model's traced `predict` / `fit` / `evaluate` (and keras-hub
