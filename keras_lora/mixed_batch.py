@@ -19,6 +19,7 @@ import keras
 from keras import ops
 
 from keras_lora import multi
+from keras_lora.layers import dora
 from keras_lora.layers import batch_routing
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
@@ -53,8 +54,9 @@ def mixed_batch_model(model, adapter_names):
     Raises:
         TypeError: if `adapter_names` is not a non-empty list of names.
         ValueError: for an unknown or duplicate name, a model without LoRA
-            layers or without declared inputs, merged adapters, DoRA
-            adapters, or a layer whose update cannot be routed per example.
+            layers or without declared inputs, merged adapters, or a layer
+            whose update cannot be routed per example (DoRA adapters are
+            routed too: their per-unit factor is gathered per example).
 
     Example:
 
@@ -106,13 +108,6 @@ def check_request(model, adapter_names, who):
             )
         if not layer._present(names):
             continue
-        dora = [n for n in layer._present(names)
-                if getattr(layer.adapters[n], "use_dora", False)]
-        if dora:
-            raise ValueError(
-                f"{who}: adapter {dora[0]!r} of layer '{path}' is a DoRA "
-                "adapter; mixed batches route plain LoRA updates only."
-            )
         if not isinstance(layer, (LoRADense, LoRAEinsumDense)):
             raise ValueError(
                 f"{who}: layer '{path}' is a {type(layer).__name__}; mixed "
@@ -195,8 +190,22 @@ class Router:
         lora_a, lora_b = stacked_adapters(layer, self.adapter_names, inputs)
         lora_a = ops.take(lora_a, self.slot, axis=0)
         lora_b = ops.take(lora_b, self.slot, axis=0)
-        return ops.add(outputs, _per_example_update(layer, inputs, outputs,
-                                                    lora_a, lora_b))
+        updated = ops.add(outputs, _per_example_update(layer, inputs, outputs,
+                                                       lora_a, lora_b))
+        factors = dora_factors(layer, self.adapter_names, inputs)
+        if factors is None:
+            return updated
+        # DoRA: each example also rescales its base output, (f − 1)·(x·W).
+        base_x = outputs
+        if layer.bias is not None:
+            base_x = ops.subtract(base_x, ops.cast(layer.bias, outputs.dtype))
+        scale = ops.take(factors, self.slot, axis=0)  # (batch, *free)
+        _, free = layer._kernel_split(layer.base_layer)
+        middle = len(outputs.shape) - 1 - len(free)
+        scale = ops.reshape(
+            scale, (-1,) + (1,) * middle + tuple(free)
+        )
+        return ops.add(updated, ops.multiply(ops.subtract(scale, 1.0), base_x))
 
 
 def stacked_adapters(layer, adapter_names, reference=None):
@@ -232,6 +241,9 @@ def stacked_adapters(layer, adapter_names, reference=None):
             layer._in_compute_dtype(adapter.lora_b, reference),
             ops.cast(adapter.scaling, lora_a.dtype),
         )
+        if adapter.use_dora:  # the per-unit factor folds into B
+            lora_b = ops.multiply(lora_b, ops.cast(_dora_factor(layer, adapter),
+                                                   lora_b.dtype))
         a_slots.append(_padded(lora_a, rank))
         b_slots.append(_padded(lora_b, rank))
     dtype = keras.backend.standardize_dtype(
@@ -242,6 +254,33 @@ def stacked_adapters(layer, adapter_names, reference=None):
     a_slots = [a_zeros if a is None else a for a in a_slots] + [a_zeros]
     b_slots = [b_zeros if b is None else b for b in b_slots] + [b_zeros]
     return _stacked(a_slots), _stacked(b_slots)
+
+
+def _dora_factor(layer, adapter):
+    lora_a = ops.convert_to_tensor(adapter.lora_a)
+    lora_b = ops.convert_to_tensor(adapter.lora_b)
+    return ops.divide(ops.convert_to_tensor(adapter.lora_magnitude),
+                      dora.weight_norm(layer, adapter, lora_a, lora_b))
+
+
+def dora_factors(layer, adapter_names, reference=None):
+    """DoRA's per-unit factors `m/‖W + s·AᵀB‖` stacked by slot (1 for plain
+    LoRA adapters, missing adapters and the base slot), or `None` when no
+    adapter of `layer` in `adapter_names` uses DoRA."""
+    present = [layer.adapters[n] for n in layer._present(adapter_names)]
+    if not any(adapter.use_dora for adapter in present):
+        return None
+    _, free = layer._kernel_split(layer.base_layer)
+    dtype = layer._in_compute_dtype(layer.kernel, reference).dtype
+    ones = ops.ones(tuple(free), dtype)
+    slots = []
+    for name in adapter_names:
+        adapter = layer.adapters.get(name)
+        if adapter is None or not adapter.use_dora:
+            slots.append(ones)
+        else:
+            slots.append(ops.cast(_dora_factor(layer, adapter), dtype))
+    return _stacked(slots + [ones])
 
 
 def _stacked(tensors):

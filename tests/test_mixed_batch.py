@@ -215,13 +215,27 @@ def test_an_embedding_adapter_in_a_mixed_batch_is_refused():
         keras_lora.mixed_batch_model(model, ["default"])
 
 
-def test_a_dora_adapter_in_a_mixed_batch_is_refused():
-    model = keras_lora.apply_lora(
-        keras.Sequential([keras.Input((6,)), layers.Dense(3)]), rank=2,
-        use_dora=True,
-    )
-    with pytest.raises(ValueError, match="DoRA"):
-        keras_lora.mixed_batch_model(model, ["default"])
+def test_dora_adapters_are_routed_per_example_too():
+    # PEFT refuses DoRA in mixed batches; here each example gathers its
+    # adapter's per-unit DoRA factor like its A and B.
+    inputs = keras.Input((6,))
+    x = layers.Dense(8, activation="tanh", name="up")(inputs)
+    x = layers.EinsumDense("ab,bc->ac", (5,), bias_axes="c", name="mid")(x)
+    model = keras.Model(inputs, layers.Dense(3, name="head")(x), name="net")
+    keras_lora.apply_lora(model, rank=2, use_dora=True)
+    keras_lora.add_adapter(model, "task_b", rank=4, alpha=8.0)
+    keras_lora.add_adapter(model, "head_only", rank=3, targets=["head"], use_dora=True)
+    randomize(model)
+    rng = np.random.default_rng(5)
+    for layer in keras_lora.lora_layers(model).values():
+        for adapter in layer.adapters.values():
+            if adapter.use_dora:
+                adapter.lora_magnitude.assign(
+                    rng.uniform(0.5, 2.0, size=adapter.lora_magnitude.shape)
+                    .astype("float32"))
+    mixed = keras_lora.mixed_batch_model(model, NAMES)
+    got = to_numpy(mixed([X, INDEX]))
+    np.testing.assert_allclose(got, one_by_one(model, X, INDEX), rtol=1e-5, atol=1e-5)
 
 
 def test_export_is_served_by_plain_tensorflow(tmp_path):
