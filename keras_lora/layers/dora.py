@@ -20,6 +20,8 @@ product and `A·Aᵀ` an `r × r` one.
 import numpy as np
 from keras import ops
 
+from keras_lora.layers import kernels
+
 
 def contracted_axes_of_a(layer):
     """The axes of `lora_a` (rank first) that pair with the kernel's
@@ -46,18 +48,12 @@ def kernel_norm_squared(layer, lora_a=None, lora_b=None, scaling=0.0):
 def weight_norm(layer, adapter, lora_a, lora_b):
     """`‖W + s·AᵀB‖` per output unit (free shape, float32), detached."""
     contracted, _ = layer._kernel_axes(layer.base_layer)
-    a_axes = contracted_axes_of_a(layer)
-    kernel = ops.cast(ops.convert_to_tensor(layer.kernel), "float32")
-    a_w = ops.tensordot(lora_a, kernel, axes=(a_axes, list(contracted)))
-    gram = ops.tensordot(lora_a, lora_a, axes=(a_axes, a_axes))
-    g_b = ops.tensordot(gram, lora_b, axes=([1], [0]))
-    s = adapter.scaling
-    squared = (
-        ops.convert_to_tensor(adapter.kernel_norm_sq)
-        + (2.0 * s) * ops.sum(ops.multiply(a_w, lora_b), axis=0)
-        + (s * s) * ops.sum(ops.multiply(g_b, lora_b), axis=0)
+    return kernels.dora_weight_norm(
+        ops.cast(ops.convert_to_tensor(layer.kernel), "float32"),
+        ops.convert_to_tensor(adapter.kernel_norm_sq),
+        ops.cast(lora_a, "float32"), ops.cast(lora_b, "float32"),
+        adapter.scaling, tuple(contracted_axes_of_a(layer)), tuple(contracted),
     )
-    return ops.stop_gradient(ops.sqrt(ops.maximum(squared, 1e-12)))
 
 
 def add_dora_output(layer, outputs, base_x, x, adapter):

@@ -95,3 +95,48 @@ def _torch_update(outputs, inputs, lora_a, lora_b, scaling):
     flat_outputs = outputs.reshape(-1, lora_b.shape[1])
     updated = torch.addmm(flat_outputs, low_rank, lora_b, alpha=scaling)
     return updated.reshape(outputs.shape)
+
+
+def dora_weight_norm(kernel, kernel_norm_sq, lora_a, lora_b, scaling, a_axes,
+                     kernel_axes):
+    """DoRA's `‖W + s·AᵀB‖` per output unit from small products (detached).
+
+    `‖W_j‖²` (`kernel_norm_sq`) is a constant of the frozen kernel;
+    `A·W` is a `rank × d_out` product and `A·Aᵀ` a `rank × rank` one (see
+    `keras_lora/layers/dora.py`). On JAX it is one `jax.jit` function, so
+    eager steps do not pay a dispatch per small op.
+
+    Args:
+        kernel: the base kernel, float32.
+        kernel_norm_sq: `‖W_j‖²`, free-axes shaped, float32.
+        lora_a: `(rank, *contracted)`, float32.
+        lora_b: `(rank, *free)`, float32.
+        scaling: a Python float.
+        a_axes: the contracted axes of `lora_a` (a tuple).
+        kernel_axes: the kernel's contracted axes, in the same order.
+
+    Returns:
+        The norm, free-axes shaped, float32, with no gradient.
+    """
+    if _BACKEND == "jax":
+        return _jax_dora_norm(kernel, kernel_norm_sq, lora_a, lora_b,
+                              float(scaling), tuple(a_axes), tuple(kernel_axes))
+    return _dora_norm(kernel, kernel_norm_sq, lora_a, lora_b, float(scaling),
+                      tuple(a_axes), tuple(kernel_axes))
+
+
+def _dora_norm(kernel, kernel_norm_sq, lora_a, lora_b, scaling, a_axes,
+               kernel_axes):
+    a_w = ops.tensordot(lora_a, kernel, axes=(list(a_axes), list(kernel_axes)))
+    gram = ops.tensordot(lora_a, lora_a, axes=(list(a_axes), list(a_axes)))
+    g_b = ops.tensordot(gram, lora_b, axes=([1], [0]))
+    squared = (
+        kernel_norm_sq
+        + (2.0 * scaling) * ops.sum(ops.multiply(a_w, lora_b), axis=0)
+        + (scaling * scaling) * ops.sum(ops.multiply(g_b, lora_b), axis=0)
+    )
+    return ops.stop_gradient(ops.sqrt(ops.maximum(squared, 1e-12)))
+
+
+if _BACKEND == "jax":
+    _jax_dora_norm = jax.jit(_dora_norm, static_argnums=(4, 5, 6))
