@@ -394,3 +394,46 @@ def test_clone_with_lora_keeps_the_task_class_and_the_original_generating(factor
     for variable, value in zip(original.weights, weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value)
     np.testing.assert_array_equal(greedy_generate(original), expected)
+
+
+@pytest.mark.parametrize("factory", [f for _, f in CAUSAL_LMS], ids=[n for n, _ in CAUSAL_LMS])
+def test_two_adapters_on_a_causal_lm_switch_what_generate_produces(factory):
+    lm = factory()
+    lm.compile(sampler="greedy")
+    base_tokens = greedy_generate(lm)
+    keras_lora.apply_lora(lm, rank=RANK, adapter_name="a")
+    keras_lora.add_adapter(lm, "b", rank=RANK, targets="query_value")
+    for name, seed in (("a", 1), ("b", 2)):
+        rng = np.random.default_rng(seed)
+        for layer in keras_lora.lora_layers(lm).values():
+            if name in layer.adapters:
+                adapter = layer.adapters[name]
+                adapter.lora_b.assign(
+                    (0.5 * rng.normal(size=adapter.lora_b.shape)).astype("float32"))
+    outputs = {}
+    for name in ("a", "b"):
+        keras_lora.set_adapter(lm, name)
+        outputs[name] = greedy_generate(lm)  # traced generate follows the switch
+        merged = keras_lora.merge_lora(lm)
+        np.testing.assert_array_equal(greedy_generate(merged), outputs[name])
+    assert isinstance(lm.sampler, keras_hub.samplers.GreedySampler)
+    assert not np.array_equal(outputs["a"], outputs["b"])
+    with keras_lora.disable_adapters(lm):
+        np.testing.assert_array_equal(greedy_generate(lm), base_tokens)
+
+
+def test_dora_trains_a_keras_hub_backbone_and_merges_exactly():
+    backbone = gemma_backbone()
+    keras_lora.apply_lora(backbone, rank=RANK, use_dora=True)
+    inputs = {"token_ids": np.array([[1, 2, 3, 4]] * 4, "int32"),
+              "padding_mask": np.ones((4, 4), bool)}
+    target = np.random.default_rng(0).normal(size=(4, 4, 16)).astype("float32")
+    backbone.compile(keras.optimizers.Adam(1e-2), "mse")
+    history = backbone.fit(inputs, target, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    trained = {v.name for v in backbone.trainable_weights}
+    assert trained == {"lora_a", "lora_b", "lora_magnitude"}
+    expected = keras.ops.convert_to_numpy(backbone(inputs))
+    merged = keras_lora.merge_lora(backbone)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(merged(inputs)), expected,
+                               rtol=1e-4, atol=1e-4)
