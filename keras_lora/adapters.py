@@ -64,13 +64,7 @@ def save_adapter(model, path, adapter_name=None):
     >>> model = apply_lora(model, rank=2)
     >>> save_adapter(model, "/tmp/task.safetensors")  # doctest: +SKIP
     """
-    surgery.check_model(model)
-    all_layers = surgery.lora_layers(model)
-    if not all_layers:
-        raise ValueError(
-            f"save_adapter: model '{model.name}' has no LoRA layers. Use "
-            "`apply_lora` first."
-        )
+    all_layers = multi._lora_layers(model, "save_adapter")
     name = _chosen_adapter(model, adapter_name, "save_adapter")
     layers = matching.views_of(all_layers, name)
     _check_initial_factors(layers, name)
