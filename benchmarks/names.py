@@ -30,6 +30,24 @@ PEFT_KERAS_FULL = "keras_full"
 PEFT_LORA = "peft_lora"
 TORCH_FULL = "torch_full"
 
+# Peak-RSS variants beyond `VARIANTS` (memory.py).
+KERAS_DORA = "keras_dora"
+
+# The real-model section: all-MiniLM-L6-v2 (minilm.py).
+MINILM = "minilm"
+MINILM_KERAS_FULL = "keras_full"
+MINILM_TORCH_FULL = "transformers_full"
+
+
+def minilm_keras_lora(targets):
+    """The MiniLM variant adapted by keras-lora on `targets`."""
+    return f"keras_lora {targets}"
+
+
+def minilm_peft(targets):
+    """The MiniLM variant (transformers) adapted by PEFT on `targets`."""
+    return f"peft {targets}"
+
 
 def ratio_key(numerator, denominator):
     """How a ratio between two named timings is keyed in the results."""

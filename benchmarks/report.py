@@ -2,6 +2,7 @@
 
 import os
 
+from benchmarks import report_minilm
 from benchmarks import targets as targets_module
 from benchmarks import names as variants
 
@@ -11,6 +12,7 @@ _VARIANT_LABELS = {
     variants.FULL: "full",
     variants.KERAS_LORA: "keras-lora",
     variants.KERAS_ENABLE_LORA: "Keras enable_lora",
+    variants.KERAS_DORA: "keras-lora DoRA",
 }
 
 
@@ -276,7 +278,8 @@ def memory_section(results):
             continue
         rss = section["peak_rss"]
         for variant, values in rss["variants"].items():
-            run = f"{rss['workload']} {rss['targets']}, {_VARIANT_LABELS[variant]}"
+            label = _VARIANT_LABELS.get(variant, variant)
+            run = f"{rss['workload']} {rss['targets']}, {label}"
             if "error" in values:
                 rows.append([result["backend"], run,
                              f"error: {values['error'][:80]}", "", "", "", ""])
@@ -302,7 +305,9 @@ def lifecycle_section(results):
     lines = ["## apply_lora, save / load / merge", ""]
     rows, io_rows, reasons = [], [], set()
     for result in results:
-        section = result["sections"].get("lifecycle", {})
+        section = result["sections"].get("lifecycle")
+        if section is None:
+            continue
         status = _status_line(section)
         if status:
             reasons.add(f"{result['backend']}: {status}")
@@ -409,6 +414,7 @@ def render(results, machine, command, chart_name, quick, gpu_note,
     lines += targets_section(results)
     lines += training_section(results, chart_name)
     lines += peft_section(results)
+    lines += report_minilm.section(results)
     lines += inference_section(results)
     lines += memory_section(results)
     lines += lifecycle_section(results)

@@ -32,7 +32,11 @@ from benchmarks import sizes  # noqa: E402
 from benchmarks import threads  # noqa: E402
 
 BACKENDS = ("jax", "tensorflow", "torch")
-SECTIONS = ("training", "peft", "inference", "memory", "lifecycle")
+SECTIONS = ("training", "peft", "inference", "memory", "lifecycle", "minilm")
+# Left out of a quick run unless `--sections` names them: the MiniLM section
+# loads the 22.7M-parameter checkpoint six times, tens of seconds even at
+# its quick sizes (`python benchmarks/run.py --quick --sections minilm`).
+QUICK_OPT_IN = ("minilm",)
 CHART_SUFFIX = "_step_ratios.png"
 NO_GPU_NOTE = (
     "No GPU machine was lent to this task, so there is no GPU table. Run "
@@ -64,7 +68,9 @@ def parse_arguments(argv):
     )
     parser.add_argument(
         "--sections", nargs="*",
-        help="only these sections: training peft inference memory lifecycle",
+        help="only these sections: " + " ".join(SECTIONS)
+        + " (a quick run leaves out " + " ".join(QUICK_OPT_IN)
+        + " unless named here)",
     )
     parser.add_argument(
         "--threads", type=int,
@@ -99,6 +105,13 @@ def backend_env(backend, thread_count):
     if thread_count:
         env[threads.ENV] = str(thread_count)
     return env
+
+
+def chosen_sections(sections, quick):
+    """The sections to run: those asked for, else every default one."""
+    if sections:
+        return list(sections)
+    return [s for s in SECTIONS if not (quick and s in QUICK_OPT_IN)]
 
 
 def wants(sections, name):
@@ -162,7 +175,7 @@ def run_here(backends, quick, sections):
             "--in-process runs on the current backend only. Received: "
             f"--backend {backends} with KERAS_BACKEND={current!r}"
         )
-    worker_sections = [s for s in sections or SECTIONS if s != "memory"]
+    worker_sections = [s for s in sections if s != "memory"]
     result = worker.collect(quick, worker_sections)
     return add_memory(result, quick, sections, backend_env(current, None))
 
@@ -186,16 +199,17 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     arguments = parse_arguments(argv)
     backends = arguments.backend or list(BACKENDS)
+    sections = chosen_sections(arguments.sections, arguments.quick)
     if arguments.from_json:
         results, argv = load_results(arguments.from_json, argv)
     elif arguments.in_process:
         results = [
-            run_here(arguments.backend, arguments.quick, arguments.sections)
+            run_here(arguments.backend, arguments.quick, sections)
         ]
     else:
         with tempfile.TemporaryDirectory() as folder:
             results = [
-                run_backend(b, arguments.quick, arguments.sections, folder,
+                run_backend(b, arguments.quick, sections, folder,
                             arguments.threads)
                 for b in backends
             ]

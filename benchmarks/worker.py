@@ -25,6 +25,7 @@ import keras  # noqa: E402
 
 from benchmarks import inference  # noqa: E402
 from benchmarks import lifecycle  # noqa: E402
+from benchmarks import minilm  # noqa: E402
 from benchmarks import peft_torch  # noqa: E402
 from benchmarks import sizes as sizes_module  # noqa: E402
 from benchmarks import training  # noqa: E402
@@ -79,6 +80,7 @@ def collect(quick, sections=None):
         "peft": lambda: peft_torch.run(sizes, log),
         "inference": lambda: inference.run(sizes, log),
         "lifecycle": lambda: lifecycle.run(sizes, log),
+        "minilm": lambda: minilm.run(quick, log),
     }
     threads.limit_torch()
     results = {
