@@ -1,4 +1,4 @@
-"""Peak process memory of a short training run, full vs keras-lora.
+"""Peak process memory of a short training run: full, LoRA, DoRA.
 
 Peak RSS only ever grows, so each variant trains in a fresh process: this
 file, run as a script. `run.py` starts those processes itself, not from a
@@ -27,7 +27,43 @@ RSS_CASES = {
     False: (names.TRANSFORMER, names.ALL_LINEAR),
     True: (names.MLP, names.ALL_LINEAR),
 }
-RSS_VARIANTS = (names.FULL, names.KERAS_LORA)
+
+
+def _full(model, targets, rank):
+    return model
+
+
+def _lora(model, targets, rank):
+    from benchmarks import variants
+
+    return variants.adapt_with_keras_lora(model, targets, rank)[0]
+
+
+def _dora(model, targets, rank):
+    import keras_lora
+
+    from benchmarks import workloads
+
+    # apply_lora freezes the base itself and trains A, B and the magnitude.
+    return keras_lora.apply_lora(
+        model, rank=rank, use_dora=True,
+        targets=lambda path, layer: workloads.is_target(layer, targets),
+    )
+
+
+# How each variant adapts the freshly built model: `(model, targets, rank)
+# -> model`, run in the variant's own process (so imports stay inside). A
+# quantized base is one more row: quantize, then adapt.
+ADAPTERS = {
+    names.FULL: _full,
+    names.KERAS_LORA: _lora,
+    names.KERAS_DORA: _dora,
+}
+RSS_VARIANTS = tuple(ADAPTERS)
+# A quick run (the smoke test) starts one process per variant here: the
+# variants whose machinery it checks, no more (DoRA's builder is tested
+# in-process).
+QUICK_RSS_VARIANTS = (names.FULL, names.KERAS_LORA)
 
 
 def peak_rss(quick, env, log, steps):
@@ -44,7 +80,7 @@ def peak_rss(quick, env, log, steps):
         The memory section of a backend's results.
     """
     rows = {}
-    for variant in RSS_VARIANTS:
+    for variant in QUICK_RSS_VARIANTS if quick else RSS_VARIANTS:
         command = [sys.executable, os.path.abspath(__file__), "--variant",
                    variant] + (["--quick"] if quick else [])
         done = subprocess.run(
@@ -86,21 +122,42 @@ def _status_mib(field):
     raise KeyError(field)
 
 
+def build_variant(variant, quick):
+    """The compiled model of one peak-RSS variant, and its training batch.
+
+    Args:
+        variant: a key of `ADAPTERS`.
+        quick: use the tiny sizes (the MLP).
+
+    Returns:
+        `(model, x, y)`.
+    """
+    from benchmarks import sizes as sizes_module
+    from benchmarks import training
+    from benchmarks import workloads
+
+    sizes = sizes_module.sizes_for(quick)
+    workload, targets = RSS_CASES[quick]
+    if workload == workloads.MLP:
+        model = workloads.build_mlp(sizes)
+    else:
+        model, _ = workloads.build_transformer(sizes)
+    model = ADAPTERS[variant](model, targets, sizes.rank)
+    training.compiled(model, "auto")
+    x, y = training.batch_for(workload, sizes)
+    return model, x, y
+
+
 def _measure_one(variant, quick):
     """Trains one variant briefly; prints its memory figures as JSON."""
     import resource
 
     from benchmarks import sizes as sizes_module
     from benchmarks import threads
-    from benchmarks import training
-    from benchmarks import variants
 
     threads.limit_torch()
     sizes = sizes_module.sizes_for(quick)
-    workload, targets = RSS_CASES[quick]
-    model, _ = variants.build(workload, variant, targets, sizes)
-    training.compiled(model, "auto")
-    x, y = training.batch_for(workload, sizes)
+    model, x, y = build_variant(variant, quick)
     rss_built = _status_mib("VmRSS")
     for _ in range(sizes.memory_steps):
         model.train_on_batch(x, y)

@@ -154,6 +154,7 @@ def torch_classifier(preset_dir, targets=None, rank=8):
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     torch.manual_seed(0)
     encoder = transformers.BertModel.from_pretrained(
         preset_dir, add_pooling_layer=False

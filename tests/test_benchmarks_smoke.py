@@ -117,12 +117,70 @@ def test_lifecycle_times_apply_lora_and_adapter_files(quick_run):
 
 def test_memory_cases_name_real_workloads_and_variants():
     from benchmarks import memory
+    from benchmarks import names
     from benchmarks import workloads
 
     for workload, targets_name in memory.RSS_CASES.values():
         assert workload in (workloads.MLP, workloads.TRANSFORMER)
         assert targets_name == workloads.ALL_LINEAR
-    assert set(memory.RSS_VARIANTS) <= set(variants.VARIANTS)
+    assert set(memory.RSS_VARIANTS) == {*variants.VARIANTS, names.KERAS_DORA} - {
+        variants.KERAS_ENABLE_LORA}
+    assert set(memory.QUICK_RSS_VARIANTS) < set(memory.RSS_VARIANTS)
+
+
+def test_dora_memory_variant_trains_the_magnitude_too():
+    from benchmarks import memory
+    from benchmarks import names
+
+    model, x, y = memory.build_variant(names.KERAS_DORA, quick=True)
+    trained = {v.path.split("/")[-1] for v in model.trainable_variables}
+    assert trained == {"lora_a", "lora_b", "lora_magnitude"}
+    assert model.train_on_batch(x, y) > 0
+
+
+def test_quick_runs_leave_the_minilm_section_out_unless_named():
+    assert "minilm" not in run.chosen_sections(None, quick=True)
+    assert "minilm" in run.chosen_sections(None, quick=False)
+    assert run.chosen_sections(["minilm"], quick=True) == ["minilm"]
+
+
+def test_minilm_rows_render_beside_peft_with_the_target_verdict():
+    from benchmarks import names
+    from benchmarks import report_minilm
+
+    def row(jit, timed, ratios):
+        return {"jit_compile": jit, "ratios": ratios,
+                "median_ms": {name: 10.0 for name in timed}}
+
+    keras_ratios = {
+        names.ratio_key(names.minilm_keras_lora(t), names.MINILM_KERAS_FULL): r
+        for t, r in ((names.QUERY_VALUE, 0.5), (names.ALL_LINEAR, 0.8))}
+    peft_ratios = {
+        names.ratio_key(names.minilm_peft(t), names.MINILM_TORCH_FULL): 0.7
+        for t in (names.QUERY_VALUE, names.ALL_LINEAR)}
+    keras_ms = [names.MINILM_KERAS_FULL] + [
+        names.minilm_keras_lora(t) for t in report_minilm.TARGETS]
+    torch_ms = [names.MINILM_TORCH_FULL] + [
+        names.minilm_peft(t) for t in report_minilm.TARGETS]
+    full_key = names.ratio_key(names.MINILM_KERAS_FULL, names.MINILM_TORCH_FULL)
+    results = [
+        {"backend": "jax", "sections": {"minilm": {"status": "ok", "rows": [
+            row(True, keras_ms, keras_ratios)]}}},
+        {"backend": "torch", "sections": {"minilm": {"status": "ok", "rows": [
+            {"jit_compile": True, "skipped": "slow"},
+            row(False, keras_ms + torch_ms,
+                {**keras_ratios, **peft_ratios, full_key: 1.2})]}}},
+    ]
+    verdicts = {(c["backend"], c["targets"]): c["met"]
+                for c in report_minilm.checks(results)}
+    assert verdicts == {("jax", "query/value"): True,
+                        ("jax", "all-linear"): False,
+                        ("torch", "query/value"): True,
+                        ("torch", "all-linear"): False}
+    text = "\n".join(report_minilm.section(results))
+    assert "| jax | jit | keras-lora | 0.50 | 0.80 | met / **missed** |" in text
+    assert "| torch | no jit | PEFT (transformers) | 0.70 | 0.70 |" in text
+    assert "skipped: slow" in text
 
 
 def test_every_target_is_checked(quick_run):
