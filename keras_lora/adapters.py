@@ -23,7 +23,8 @@ from keras_lora.layers.adapter import validate_adapter_name
 from keras_lora.transaction import Transaction
 
 
-def save_adapter(model, path, adapter_name=None):
+def save_adapter(model, path, adapter_name=None, format="keras-lora",
+                 base_model=None):
     """Writes one of the model's adapters and its other trained weights to a file.
 
     The write is atomic: the file is written under a temporary name in the
@@ -40,12 +41,23 @@ def save_adapter(model, path, adapter_name=None):
     A file holds one adapter (PEFT's habit): with several adapters in the
     model, name the one to save; layers without it are not in the file.
 
+    With `format="peft"`, the adapter of a keras-hub model converted from
+    Hugging Face is written as a PEFT LoRA adapter directory
+    (`adapter_config.json`, `adapter_model.safetensors`) that
+    `peft.PeftModel.from_pretrained` loads into the Hugging Face model (see
+    docs/huggingface_interop.md).
+
     Args:
         model: a Keras model with LoRA layers.
         path: the file to write (conventionally `*.safetensors`). Its parent
-            directory must exist.
+            directory must exist. With `format="peft"`, the directory.
         adapter_name: the adapter to save; `None` means the model's only
             adapter, or its only active one.
+        format: `"keras-lora"` (this library's file) or `"peft"`.
+        base_model: with `format="peft"`, the Hugging Face checkpoint
+            directory (or hub name) the model came from, written as
+            `base_model_name_or_path`; a local directory also gives the
+            checkpoint's exact module names.
 
     Returns:
         The absolute path written.
@@ -64,8 +76,17 @@ def save_adapter(model, path, adapter_name=None):
     >>> model = apply_lora(model, rank=2)
     >>> save_adapter(model, "/tmp/task.safetensors")  # doctest: +SKIP
     """
+    if format not in ("keras-lora", "peft"):
+        raise ValueError(
+            "save_adapter: format must be 'keras-lora' or 'peft'. "
+            f"Received: format={format!r}"
+        )
     all_layers = multi._lora_layers(model, "save_adapter")
     name = _chosen_adapter(model, adapter_name, "save_adapter")
+    if format == "peft":
+        from keras_lora.peft_interop.peft_export import save_peft_adapter
+
+        return save_peft_adapter(model, path, name, base_model=base_model)
     layers = matching.views_of(all_layers, name)
     _check_initial_factors(layers, name)
     tensors, records = {}, {}
@@ -124,6 +145,13 @@ def load_adapter(model, path, adapter_name=None):
       options): its LoRA layers are taken out and the file's applied, as on
       a base model (merged layers are refused: unmerge first).
 
+    A Hugging Face PEFT LoRA adapter (a directory with
+    `adapter_config.json`, or its `adapter_model.safetensors`) is detected
+    and loaded into a keras-hub model converted from the same architecture:
+    LoRA is applied to the layers the PEFT modules correspond to, with the
+    adapter's ranks, alphas, rsLoRA and DoRA, and the factors are mapped
+    (see docs/huggingface_interop.md).
+
     In every case the file's other trained weights (fully trainable layers,
     `train_bias` biases) are assigned, weights that a previously loaded or
     trained adapter changed and this file does not carry get their base
@@ -148,7 +176,8 @@ def load_adapter(model, path, adapter_name=None):
 
     Args:
         model: a built Keras model, base or adapted.
-        path: an adapter file written by `save_adapter`.
+        path: an adapter file written by `save_adapter`, or a PEFT adapter
+            directory.
         adapter_name: the adapter to load into; `None` means the model's
             only adapter (`"default"` on a base model).
 
@@ -165,6 +194,12 @@ def load_adapter(model, path, adapter_name=None):
     >>> model = load_adapter(model, "/tmp/task.safetensors")  # doctest: +SKIP
     """
     surgery.check_model(model)
+    from keras_lora.peft_interop import peft_config
+
+    if peft_config.adapter_directory(path) is not None:
+        from keras_lora.peft_interop.peft_import import load_peft_adapter
+
+        return load_peft_adapter(model, path, adapter_name)
     adapter = matching.in_model_names(model, read_adapter(path))
     names = multi.list_adapters(model)
     if adapter_name is None:
