@@ -77,6 +77,9 @@ def check_layer(lora_class, base_layer, rank, init, use_dora, where=""):
     """
     if not modifies_base(init):
         return
+    from keras_lora.layers import quantized
+
+    quantized.check_init(base_layer, init, where)
     if use_dora:
         raise ValueError(
             f"{where}init={init!r} replaces the base kernel by a residual, "

@@ -24,7 +24,8 @@ public entry point reaches by attribute lookup:
   a model without those LoRA layers (and the reverse) are refused before
   anything is assigned, saying what to do.
 - `keras.Model.quantize`: refused on a model holding LoRA layers (Keras
-  would quantize the base layers under the adapters one by one).
+  would quantize the base layers under the adapters one by one); the
+  message says to quantize the base before `apply_lora` instead.
 - keras-hub's `Task.save_to_preset` / `Backbone.save_to_preset`: refused
   on a model holding LoRA layers, pointing to `merge_lora` and
   `save_adapter` (a preset loads through keras-hub's own code, which
@@ -215,7 +216,10 @@ def _quantize_wrapper(keras_quantize):
                 f"quantize: model '{self.name}' holds LoRA layers "
                 f"({_sample(paths)}). Keras would quantize their base layers "
                 "one by one under the adapters, which breaks the outputs. "
-                "Merge first and quantize the merged model: "
+                "For LoRA on a quantized base (QLoRA-style), quantize the "
+                "base first, then adapt it: `model.quantize(mode)` before "
+                "`keras_lora.apply_lora(model)`. To quantize a trained LoRA "
+                "model, merge it and quantize the merged model: "
                 "`keras_lora.merge_lora(model).quantize(mode)`. Nothing was "
                 f"changed. Received: mode={mode!r}"
             )

@@ -516,7 +516,7 @@ def test_base_with_keras_builtin_lora_is_refused():
 
 def test_quantized_base_is_refused():
     dense = built_dense()
-    dense.quantize("int8")
+    dense.quantize("float8")
     with pytest.raises(ValueError, match="'dense' is quantized"):
         LoRADense.from_layer(dense, rank=2)
     assert dense.trainable

@@ -12,6 +12,7 @@ from keras_lora import config as lora_config
 from keras_lora.distribution import adapter_layout_scope
 from keras_lora.layers import batch_routing
 from keras_lora.layers import dora
+from keras_lora.layers import quantized
 from keras_lora.layers.adapter import DEFAULT_ADAPTER
 from keras_lora.layers.adapter import Adapter
 from keras_lora.layers.adapter import AdapterSet
@@ -70,6 +71,8 @@ class LoRALayer(keras.layers.Layer):
     """
 
     base_layer_class = None
+    # Layer types that adapt int8 / int4 bases of Keras's `model.quantize`.
+    supports_quantized_base = False
     # Layer types whose factored forward DoRA's per-unit factor fits.
     supports_dora = False
 
@@ -108,6 +111,7 @@ class LoRALayer(keras.layers.Layer):
                 specs.append(AdapterSpec.validated(**config, where=where))
         if any(spec.use_dora for spec in specs):
             self._check_dora(base_layer, where)
+        quantized.check_specs(base_layer, specs, merged, where)
         names = [spec.name for spec in specs]
         duplicate = sorted({n for n in names if names.count(n) > 1})
         if duplicate:
@@ -123,7 +127,9 @@ class LoRALayer(keras.layers.Layer):
         for name in active:
             validate_adapter_name(name, where)
         kwargs.setdefault("name", base_layer.name)
-        kwargs.setdefault("dtype", base_layer.dtype_policy)
+        # A quantized base's float source policy: the LoRA layer itself is
+        # not quantized (Keras would route its call to a quantized forward).
+        kwargs.setdefault("dtype", quantized.wrapper_dtype(base_layer))
         super().__init__(**kwargs)
         self.base_layer = base_layer
         self._specs = specs
@@ -175,9 +181,20 @@ class LoRALayer(keras.layers.Layer):
         `kernel` for Dense, EinsumDense and convolutions; a subclass for a
         layer keeping it elsewhere (an `Embedding`'s `embeddings`)
         overrides this, and everything else (merge, adapter files, layouts,
-        checks) follows.
+        checks) follows. For an int8 / int4 base (see
+        `keras_lora/layers/quantized.py`) it is the stored quantized kernel
+        variable (int8; int4 values packed two to a byte).
         """
+        if quantized.mode_of(base_layer) is not None:
+            return quantized.stored_kernel(base_layer)
         return base_layer.kernel
+
+    @classmethod
+    def kernel_shape(cls, base_layer):
+        """The base kernel's logical shape (an int4 kernel is stored packed)."""
+        if quantized.mode_of(base_layer) is not None:
+            return quantized.kernel_shape(base_layer)
+        return tuple(cls.base_kernel(base_layer).shape)
 
     @classmethod
     def _kernel_split(cls, base_layer):
@@ -227,12 +244,7 @@ class LoRALayer(keras.layers.Layer):
                 f"Layer '{layer.name}' already has Keras's built-in LoRA "
                 "enabled (`enable_lora`). Use a layer without it."
             )
-        if getattr(layer, "quantization_mode", None) is not None:
-            raise ValueError(
-                f"Layer '{layer.name}' is quantized "
-                f"(quantization_mode={layer.quantization_mode!r}); "
-                "keras-lora adapts float layers only."
-            )
+        quantized.check_base(cls, layer)
 
     @classmethod
     def _check_dora(cls, base_layer, where=""):
@@ -592,7 +604,7 @@ class LoRALayer(keras.layers.Layer):
             )
             delta = term if delta is None else ops.add(delta, term)
         if delta is None:
-            return ops.zeros(tuple(self.kernel.shape), "float32")
+            return ops.zeros(self.kernel_shape(self.base_layer), "float32")
         return delta
 
     def merged_kernel(self):
@@ -639,12 +651,17 @@ class LoRALayer(keras.layers.Layer):
                 f"Layer '{self.name}': its adapter is disabled, so merging it "
                 "would change what the layer computes; call "
                 "`enable_adapter()` first."
+        For an int8 / int4 base: `W_deq + Σ scaling · A·B` as float32, with
+        `W_deq` the dequantized kernel (`merge_lora` quantizes it again).
+
             )
         names = self._present(self.active_adapters)
         # DoRA rescales W itself: keep its per-unit factors to undo it.
         self._merged_dora_factors = {
             name: ops.convert_to_numpy(dora.merge_factor(self, self._adapters[name]))
             for name in names if self._adapters[name].use_dora
+        if quantized.mode_of(self.base_layer) is not None:
+            return ops.add(quantized.dequantized_kernel(self.base_layer), delta)
         }
         self.kernel.assign(self.merged_kernel())
         self._merged_names = names
@@ -683,6 +700,8 @@ class LoRALayer(keras.layers.Layer):
         `keras_lora.disable_adapters(model)` instead, which resets that
         model's functions.
         """
+        if quantized.mode_of(self.base_layer) is not None:
+            raise quantized.merge_refused(self)
         self.adapter_enabled = False
         _reset_owner_functions(self)
 

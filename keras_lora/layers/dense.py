@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_lora.layers import quantized
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.base import base_from_arguments
 from keras_lora.layers.kernels import add_low_rank_update
@@ -51,6 +52,7 @@ class LoRADense(LoRALayer):
 
     base_layer_class = keras.layers.Dense
     supports_dora = True
+    supports_quantized_base = True
 
     def __init__(
         self,
@@ -86,10 +88,12 @@ class LoRADense(LoRALayer):
 
     @classmethod
     def _kernel_split(cls, base_layer):
-        d_in, d_out = base_layer.kernel.shape
+        d_in, d_out = cls.kernel_shape(base_layer)
         return (d_in,), (d_out,)
 
     def _base_preactivation(self, inputs):
+        if self.base_layer.quantization_mode is not None:
+            return quantized.preactivation(self.base_layer, inputs)
         outputs = ops.matmul(inputs, self.base_layer.kernel)
         if self.base_layer.bias is not None:
             outputs = ops.add(outputs, self.base_layer.bias)
@@ -99,6 +103,11 @@ class LoRADense(LoRALayer):
         return add_low_rank_update(
             outputs, inputs, lora_a, lora_b, scaling
         )
+
+    def merged_weights(self):
+        if self.base_layer.quantization_mode is not None:
+            return quantized.merged_weights(self)
+        return super().merged_weights()
 
     def _delta_kernel(self, lora_a, lora_b):
         return ops.matmul(ops.transpose(lora_a), lora_b)

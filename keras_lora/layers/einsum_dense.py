@@ -10,6 +10,7 @@ import dataclasses
 import keras
 from keras import ops
 
+from keras_lora.layers import quantized
 from keras_lora.layers.base import LoRALayer
 from keras_lora.layers.base import base_from_arguments
 from keras_lora.layers.kernels import add_low_rank_update
@@ -155,6 +156,7 @@ class LoRAEinsumDense(LoRALayer):
 
     base_layer_class = keras.layers.EinsumDense
     supports_dora = True
+    supports_quantized_base = True
 
     def __init__(
         self,
@@ -213,7 +215,7 @@ class LoRAEinsumDense(LoRALayer):
     @classmethod
     def _kernel_split(cls, base_layer):
         split = split_equation(base_layer.equation)
-        shape = tuple(base_layer.kernel.shape)
+        shape = cls.kernel_shape(base_layer)
         return (
             tuple(shape[i] for i in split.contracted_axes),
             tuple(shape[i] for i in split.free_axes),
@@ -225,6 +227,8 @@ class LoRAEinsumDense(LoRALayer):
         return split.contracted_axes, split.free_axes
 
     def _base_preactivation(self, inputs):
+        if self.base_layer.quantization_mode is not None:
+            return quantized.preactivation(self.base_layer, inputs)
         outputs = ops.einsum(self.equation, inputs, self.base_layer.kernel)
         if self.base_layer.bias is not None:
             outputs = ops.add(outputs, self.base_layer.bias)
@@ -239,6 +243,11 @@ class LoRAEinsumDense(LoRALayer):
         low_rank = ops.multiply(low_rank, scaling)
         update = ops.einsum(self._split.expand_equation, low_rank, lora_b)
         return ops.add(outputs, update)
+
+    def merged_weights(self):
+        if self.base_layer.quantization_mode is not None:
+            return quantized.merged_weights(self)
+        return super().merged_weights()
 
     def _delta_kernel(self, lora_a, lora_b):
         return ops.einsum(self._split.delta_equation, lora_a, lora_b)
