@@ -42,6 +42,10 @@ class AdapterView:
     base_layer = property(lambda self: self.layer.base_layer)
     kernel = property(lambda self: self.layer.kernel)
     train_bias = property(lambda self: self.layer.train_bias)
+    # The logical shape: an int4 base stores its kernel packed.
+    kernel_shape = property(
+        lambda self: self.layer.kernel_shape(self.layer.base_layer)
+    )
     merged = property(lambda self: self.layer.merged)
     class_name = property(lambda self: type(self.layer).__name__)
 
@@ -67,7 +71,7 @@ def record_of(layer):
         "train_bias": layer.train_bias,
         "lora_a_shape": list(layer.lora_a.shape),
         "lora_b_shape": list(layer.lora_b.shape),
-        "base_kernel_shape": list(layer.kernel.shape),
+        "base_kernel_shape": list(layer.kernel_shape),
         # Written only for DoRA, so plain LoRA files stay as they were.
         **({"use_dora": True} if layer.use_dora else {}),
     }
@@ -214,7 +218,7 @@ def check_base_model(model, adapter):
                 f"{where}: layer '{record.path}' is not built; build the "
                 "model first. Nothing was changed."
             )
-        kernel_shape = tuple(lora_class.base_kernel(layer).shape)
+        kernel_shape = tuple(lora_class.kernel_shape(layer))
         if kernel_shape != record.base_kernel_shape:
             raise ValueError(
                 f"{where}: layer '{record.path}': the base kernel has shape "
@@ -275,7 +279,7 @@ def check_adapted_model(adapted, adapter):
                 f"{at} has rank {layer.rank} in the model but {record.rank} "
                 "in the file. Nothing was changed."
             )
-        kernel_shape = tuple(layer.kernel.shape)
+        kernel_shape = tuple(layer.kernel_shape)
         if kernel_shape != record.base_kernel_shape:
             raise ValueError(
                 f"{at}: the base kernel has shape {kernel_shape} in the model "
