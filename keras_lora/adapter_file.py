@@ -86,6 +86,9 @@ class LayerRecord:
     base_kernel_shape: tuple
     # DoRA: the file also holds "<path>/lora_magnitude", free-axes shaped.
     use_dora: bool = False
+    # {name: shape} of the adapter's further pairs, held as "<path>/<name>"
+    # (an untied ReversibleEmbedding's reverse_lora_a / reverse_lora_b).
+    extra_factor_shapes: dict = dataclasses.field(default_factory=dict)
 
     @property
     def magnitude_shape(self):
@@ -94,6 +97,7 @@ class LayerRecord:
     @property
     def parameter_count(self):
         count = math.prod(self.lora_a_shape) + math.prod(self.lora_b_shape)
+        count += sum(math.prod(s) for s in self.extra_factor_shapes.values())
         return count + (math.prod(self.magnitude_shape) if self.use_dora else 0)
 
 
@@ -399,6 +403,8 @@ def _expected_tensors(records, extra_tensors):
         expected[f"{record.path}/lora_b"] = record.lora_b_shape
         if record.use_dora:
             expected[f"{record.path}/lora_magnitude"] = record.magnitude_shape
+        for name, shape in record.extra_factor_shapes.items():
+            expected[f"{record.path}/{name}"] = shape
     expected.update(extra_tensors)
     return expected
 

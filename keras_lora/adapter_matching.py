@@ -38,14 +38,15 @@ class AdapterView:
     lora_a = property(lambda self: self.adapter.lora_a)
     lora_b = property(lambda self: self.adapter.lora_b)
     lora_magnitude = property(lambda self: self.adapter.lora_magnitude)
+    extra_factors = property(lambda self: self.adapter.extra_factors)
     use_dora = property(lambda self: self.adapter.use_dora)
     base_layer = property(lambda self: self.layer.base_layer)
     kernel = property(lambda self: self.layer.kernel)
-    train_bias = property(lambda self: self.layer.train_bias)
     # The logical shape: an int4 base stores its kernel packed.
     kernel_shape = property(
         lambda self: self.layer.kernel_shape(self.layer.base_layer)
     )
+    train_bias = property(lambda self: self.layer.train_bias)
     merged = property(lambda self: self.layer.merged)
     class_name = property(lambda self: type(self.layer).__name__)
 
@@ -74,6 +75,11 @@ def record_of(layer):
         "base_kernel_shape": list(layer.kernel_shape),
         # Written only for DoRA, so plain LoRA files stay as they were.
         **({"use_dora": True} if layer.use_dora else {}),
+        # Written only where adapters hold further pairs (untied
+        # ReversibleEmbedding): {name: shape}.
+        **({"extra_factors": {
+            name: list(v.shape) for name, v in layer.extra_factors.items()
+        }} if layer.extra_factors else {}),
     }
 
 
@@ -230,6 +236,8 @@ def check_base_model(model, adapter):
                      (record.rank,) + tuple(contracted), record.lora_a_shape)
         _check_shape(where, record.path, "lora_b",
                      (record.rank,) + tuple(free), record.lora_b_shape)
+        _check_extra_factors(where, record, lora_class.extra_factor_shapes(
+            layer, record.rank))
     for name in ("dropout", "use_rslora", "train_bias", "use_dora"):
         values = {getattr(r, name) for r in adapter.layers.values()}
         if len(values) > 1:
@@ -295,6 +303,9 @@ def check_adapted_model(adapted, adapter):
                     f"{at}: {name} is {variable.dtype} in the model, float32 "
                     "in the file. Nothing was changed."
                 )
+        _check_extra_factors(where, record, {
+            name: tuple(v.shape) for name, v in layer.extra_factors.items()
+        })
         if layer.use_dora != record.use_dora:
             raise ValueError(
                 f"{at} has use_dora={layer.use_dora} in the model but "
@@ -318,6 +329,21 @@ def check_adapted_model(adapted, adapter):
             f"{where}: the model has LoRA layers the file does not cover: "
             f"{_sample(extra)}. Nothing was changed."
         )
+
+
+def _check_extra_factors(where, record, in_model):
+    """The file holds the further pairs (`extra_factors`) the model's layer
+    has, of the same shapes (an untied ReversibleEmbedding's reverse pair)."""
+    in_file = record.extra_factor_shapes
+    if set(in_model) != set(in_file):
+        raise ValueError(
+            f"{where}: layer '{record.path}' has the further adapter factors "
+            f"{sorted(in_model)} in the model but {sorted(in_file)} in the "
+            "file (e.g. a tied vs an untied ReversibleEmbedding). Nothing was "
+            "changed."
+        )
+    for name, shape in in_model.items():
+        _check_shape(where, record.path, name, shape, in_file[name])
 
 
 def _check_shape(where, path, name, in_model, in_file):

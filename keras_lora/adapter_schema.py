@@ -40,6 +40,9 @@ _TOP_LEVEL[2] = _TOP_LEVEL[3] = _TOP_LEVEL[1] + ("trainable_layers", "extra_tens
 _TOP_LEVEL[4] = _TOP_LEVEL[3] + ("digests", "layer_keys", "header_digest")
 # Record keys a file may leave out (their default: false).
 OPTIONAL_RECORD_FIELDS = ("use_dora",)
+# Written only for layers whose adapters hold further pairs: {name: shape}.
+EXTRA_FACTORS_FIELD = "extra_factors"
+_EXTRA_FACTOR_NAME = re.compile(r"[a-z][a-z0-9_]*_lora_[ab]\Z")
 RECORD_FIELDS = (
     "class", "base_class", "rank", "alpha", "scaling", "use_rslora",
     "dropout", "train_bias", "lora_a_shape", "lora_b_shape",
@@ -106,7 +109,7 @@ def parse_record(path, entry, version, where):
             f"{list(RECORD_FIELDS)}. Received: {_short(entry)}"
         )
     _exact_keys(entry, RECORD_FIELDS, f"{at}: the record",
-                optional=OPTIONAL_RECORD_FIELDS)
+                optional=OPTIONAL_RECORD_FIELDS + (EXTRA_FACTORS_FIELD,))
     lora_class = entry["class"]
     if not (isinstance(lora_class, str) and lora_class in LORA_CLASS_NAMES):
         raise SchemaError(
@@ -159,8 +162,31 @@ def parse_record(path, entry, version, where):
         "dropout": float(dropout),
         "train_bias": entry["train_bias"],
         "use_dora": entry.get("use_dora", False),
+        "extra_factor_shapes": _extra_factor_shapes(entry, rank, at),
         **shapes,
     }
+
+
+def _extra_factor_shapes(entry, rank, at):
+    """`{name: shape}` of a record's `extra_factors` (`{}` when absent):
+    names like `reverse_lora_a`, rank-first shapes of that rank."""
+    if EXTRA_FACTORS_FIELD not in entry:
+        return {}
+    factors = entry[EXTRA_FACTORS_FIELD]
+    _check(isinstance(factors, dict) and factors, at, EXTRA_FACTORS_FIELD,
+           factors, "must map factor names to shapes (at least one)")
+    shapes = {}
+    for name, shape in factors.items():
+        _check(isinstance(name, str) and _EXTRA_FACTOR_NAME.match(name), at,
+               EXTRA_FACTORS_FIELD, name,
+               "must name factors '<prefix>_lora_a' / '<prefix>_lora_b'")
+        shapes[name] = _shape(shape, at, f"{EXTRA_FACTORS_FIELD}.{name}", minimum=1)
+        if shapes[name][0] != rank:
+            raise SchemaError(
+                f"{at}: rank {rank} disagrees with {EXTRA_FACTORS_FIELD}."
+                f"{name} shape {shapes[name]}."
+            )
+    return shapes
 
 
 def parse_extras(document, lora_paths, where):

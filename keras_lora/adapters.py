@@ -107,7 +107,9 @@ def save_adapter(model, path, adapter_name=None, format="keras-lora",
                 lora_a_shape=list(values["lora_a"].shape),
                 lora_b_shape=list(values["lora_b"].shape),
             )
-        for name in ("lora_a", "lora_b"):
+        for name, variable in layer.extra_factors.items():
+            values[name] = ops.convert_to_numpy(variable.value)
+        for name in ("lora_a", "lora_b", *layer.extra_factors):
             value = np.ascontiguousarray(values[name], "float32")
             if not np.all(np.isfinite(value)):
                 raise ValueError(
@@ -335,6 +337,8 @@ def _assign(change, model, adapted, adapter, extras):
         if layer.use_dora:
             change.assign(layer.lora_magnitude,
                           adapter.tensors[f"{layer_path}/lora_magnitude"])
+        for name, variable in layer.extra_factors.items():
+            change.assign(variable, adapter.tensors[f"{layer_path}/{name}"])
     trained_weights.remember(model, extras.values())
     carried = {id(variable) for variable in extras.values()}
     for key, variable in extras.items():

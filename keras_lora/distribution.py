@@ -74,7 +74,8 @@ def kernel_axes_of(lora_layer):
 
 
 @contextlib.contextmanager
-def adapter_layout_scope(kernel, contracted_axes, free_axes):
+def adapter_layout_scope(kernel, contracted_axes, free_axes,
+                         names=("lora_a", "lora_b")):
     """Pins the layouts of `lora_a` and `lora_b` created inside the scope.
 
     Used by `LoRALayer` when it creates its adapters. Outside any
@@ -84,6 +85,8 @@ def adapter_layout_scope(kernel, contracted_axes, free_axes):
         kernel: the base kernel variable (already created).
         contracted_axes: kernel axis indices of `lora_a`.
         free_axes: kernel axis indices of `lora_b`.
+        names: the variable names of the A and B factors to pin (an extra
+            pair's, e.g. `("reverse_lora_a", "reverse_lora_b")`).
     """
     layout = _kernel_layout(kernel)
     if layout is None or layout.device_mesh is None:
@@ -99,7 +102,7 @@ def adapter_layout_scope(kernel, contracted_axes, free_axes):
     # Only the two adapters are created in this scope, so their names
     # identify them; their full paths depend on the caller's name scope.
     for name, variable_axes in zip(
-        ("lora_a", "lora_b"), adapter_axes(axes, contracted_axes, free_axes)
+        names, adapter_axes(axes, contracted_axes, free_axes)
     ):
         pins[f"(.*/)?{name}"] = TensorLayout(variable_axes, mesh)
     pinned = keras.distribution.ModelParallel(layout_map=pins)
@@ -166,6 +169,22 @@ def extend_layout_map(layout_map, model):
             adapter_axes(axes, contracted_axes, free_axes),
         ):
             adapter_paths[variable.path] = variable_axes
+        # Further pairs (an untied ReversibleEmbedding's reverse projection)
+        # follow their own kernel's entry.
+        for prefix, (extra_kernel, extra_contracted, extra_free) in (
+            type(layer).extra_factor_kernels(layer.base_layer).items()
+        ):
+            extra_layout = layout_map[extra_kernel.path]
+            extra_axes = (
+                (None,) * len(extra_kernel.shape) if extra_layout is None
+                else tuple(extra_layout.axes)
+            )
+            for name, variable_axes in zip(
+                ("lora_a", "lora_b"),
+                adapter_axes(extra_axes, extra_contracted, extra_free),
+            ):
+                variable = layer._primary().extra_factors[prefix + name]
+                adapter_paths[variable.path] = variable_axes
     # Check everything before adding anything. (`path in layout_map` would
     # match the map's regular expressions too, hence the key set.)
     keys = set(layout_map)

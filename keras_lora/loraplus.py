@@ -23,7 +23,8 @@ def is_lora_b(variable):
 
     Dense, EinsumDense, Conv and Embedding LoRA layers all name their B
     variables `lora_b`, and so does every named adapter beside the first,
-    so the name identifies them on every backend and after a reload.
+    so the name identifies them on every backend and after a reload; an
+    untied `ReversibleEmbedding`'s second pair names its B `reverse_lora_b`.
 
     Args:
         variable: a Keras (or backend) variable.
@@ -40,7 +41,9 @@ def is_lora_b(variable):
     """
     name = getattr(variable, "name", None) or ""
     # A backend variable may read "scope/lora_b:0".
-    return name.split("/")[-1].split(":")[0] == _B_NAME
+    short = name.split("/")[-1].split(":")[0]
+    # An extra pair's B (an untied ReversibleEmbedding's `reverse_lora_b`).
+    return short == _B_NAME or short.endswith("_" + _B_NAME)
 
 
 def _check_lr_ratio(lr_ratio):

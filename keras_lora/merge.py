@@ -236,17 +236,18 @@ def _check_finite(entries):
         if not _folds_update(entry.layer):
             continue
         try:
-            entry.layer.merged_kernel()
+            entry.layer.merged_weights()
         except ValueError as error:
             raise ValueError(
                 f"Layer '{entry.path}': {str(error).split(': ', 1)[-1]}"
             ) from None
 
 
-def _effective_kernel(layer):
+def _effective_weights(layer):
+    """`{id(variable): value}` of the base weights the merge replaces."""
     if _folds_update(layer):
-        return layer.merged_kernel()
-    return layer.kernel.value
+        return {id(v): value for v, value in layer.merged_weights()}
+    return {}
 
 
 # In place -----------------------------------------------------------------
@@ -258,7 +259,8 @@ def _merge_in_place(model, entries):
     for entry in entries:
         layer = entry.layer
         if _folds_update(layer):
-            layer.kernel.assign(layer.merged_kernel())
+            for variable, value in layer.merged_weights():
+                variable.assign(value)
         layer.base_layer.trainable = layer.trainable
         for parent in entry.parents:
             layer_swap.replace_layer(parent, layer, layer.base_layer)
@@ -282,7 +284,7 @@ def _merge_to_new_model(model):
             f"merge_lora: could not rebuild model '{model.name}' without "
             f"LoRA layers; still present: {leftover}."
         )
-    model_copy.copy_state(model, merged, kernel_of=_effective_kernel)
+    model_copy.copy_state(model, merged, merged_of=_effective_weights)
     from keras_lora.surgery import compile_like
 
     compile_like(merged, model)

@@ -49,7 +49,7 @@ def rebuild(model, transform=None, who="keras-lora"):
         ) from error
 
 
-def copy_state(source, target, path="", kernel_of=None):
+def copy_state(source, target, path="", merged_of=None):
     """Copies weights and assets from `source`'s layer tree to `target`'s.
 
     Args:
@@ -57,13 +57,14 @@ def copy_state(source, target, path="", kernel_of=None):
             which pair with their base layer's class in `target`.
         target: the rebuilt model (or layer).
         path: the path of `source` in the model, for error messages.
-        kernel_of: for a LoRA layer in `source`, returns the kernel value
-            to copy (its merged kernel, for `merge_lora`).
+        merged_of: for a LoRA layer in `source`, returns `{id(variable):
+            value}` of the base weights to copy with another value (its
+            merged kernel, and any other table it merges, for `merge_lora`).
     """
-    _copy_state(source, target, path, kernel_of)
+    _copy_state(source, target, path, merged_of)
 
 
-def _copy_state(source, target, path, kernel_of):
+def _copy_state(source, target, path, merged_of):
     """Copies weights and assets from `source`'s layer tree to `target`'s.
 
     Sub-layers are paired by position (the order in which each parent
@@ -79,7 +80,7 @@ def _copy_state(source, target, path, kernel_of):
             f"in the LoRA model but a {type(target).__name__} in the rebuilt "
             "model."
         )
-    _copy_own_variables(source, target, where, kernel_of)
+    _copy_own_variables(source, target, where, merged_of)
     _copy_assets(source_layer, target)
     if isinstance(source, LoRALayer):
         return
@@ -95,7 +96,7 @@ def _copy_state(source, target, path, kernel_of):
         )
     for source_child, target_child in zip(source_children, target_children):
         child_path = f"{path}/{source_child.name}" if path else source_child.name
-        _copy_state(source_child, target_child, child_path, kernel_of)
+        _copy_state(source_child, target_child, child_path, merged_of)
 
 
 def _stateful_sublayers(layer):
@@ -118,11 +119,11 @@ def _has_assets(layer):
     return any(_has_assets(child) for child in model_walk.sublayers(layer))
 
 
-def _copy_own_variables(source, target, where, kernel_of):
+def _copy_own_variables(source, target, where, merged_of):
     if isinstance(source, LoRALayer):
-        kernel = source.kernel
+        replaced = merged_of(source) if merged_of is not None else {}
         values = [
-            kernel_of(source) if variable is kernel else variable.value
+            replaced.get(id(variable), variable.value)
             for variable in model_walk.own_variables(source.base_layer)
         ]
     else:

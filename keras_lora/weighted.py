@@ -137,6 +137,15 @@ def _plan(model, adapters, weights, adapter_name, combination_type, svd_rank):
         present = [(n, w) for n, w in zip(names, weights) if n in layer.adapters]
         if not present:
             continue
+        if any(layer.adapters[n].extra_factors for n, _ in present):
+            raise ValueError(
+                f"{who}: layer '{path}' ({type(layer).__name__}) gives each "
+                "adapter a further pair "
+                f"{sorted(layer.adapters[present[0][0]].extra_factors)} (an "
+                "untied ReversibleEmbedding's reverse table), which a weighted "
+                "combination does not carry. Leave that layer out of the "
+                "adapters to combine. Nothing was changed."
+            )
         if combination_type == "cat":
             rank = sum(layer.adapters[n].rank for n, _ in present)
         elif combination_type == "linear":

@@ -132,19 +132,6 @@ def test_tied_logit_soft_cap_applies_after_the_update():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_untied_reverse_projection_stays_the_frozen_base_weight():
-    base = table(keras.layers.ReversibleEmbedding, tie_weights=False)
-    layer = adapted(base)
-    x = hidden()
-    np.testing.assert_allclose(
-        to_np(layer(x, reverse=True)), x @ to_np(base.reverse_embeddings),
-        rtol=1e-5, atol=1e-5,
-    )
-    np.testing.assert_allclose(to_np(layer(IDS)), updated_table(layer)[IDS],
-                               rtol=1e-5, atol=1e-6)
-    assert not base.reverse_embeddings.trainable
-
-
 @pytest.mark.parametrize("tie_weights", [True, False])
 def test_merge_and_unmerge_keep_both_directions(tie_weights):
     base = table(keras.layers.ReversibleEmbedding, tie_weights=tie_weights)
@@ -158,6 +145,8 @@ def test_merge_and_unmerge_keep_both_directions(tie_weights):
                                rtol=1e-5, atol=1e-5)
     layer.unmerge()
     np.testing.assert_allclose(to_np(layer.kernel), before, atol=1e-6)
+    np.testing.assert_allclose(to_np(layer(x, reverse=True)), logits,
+                               rtol=1e-5, atol=1e-5)
 
 
 # Models --------------------------------------------------------------------
@@ -185,9 +174,15 @@ def test_embeddings_adapted_by_name_type_or_the_all_preset(targets):
 
 
 def randomize(model, seed=3):
+    """Non-zero B factors (an untied reverse pair's too) of every adapter."""
     rng = np.random.default_rng(seed)
     for layer in keras_lora.lora_layers(model).values():
-        layer.lora_b.assign(rng.normal(size=layer.lora_b.shape).astype("float32"))
+        for adapter in layer.adapters.values():
+            for variable in [adapter.lora_b] + [
+                v for name, v in adapter.extra_factors.items()
+                if name.endswith("lora_b")
+            ]:
+                variable.assign(rng.normal(size=variable.shape).astype("float32"))
 
 
 def test_merge_lora_of_a_functional_model_keeps_outputs():
@@ -340,3 +335,260 @@ def test_two_named_adapters_add_up_in_both_tied_directions():
     x = hidden()
     np.testing.assert_allclose(to_np(layer(x, reverse=True)), x @ expected.T,
                                rtol=1e-5, atol=1e-5)
+
+
+# Untied ReversibleEmbedding: a second pair for the reverse table -----------
+
+def untied(**kwargs):
+    return table(keras.layers.ReversibleEmbedding, tie_weights=False, **kwargs)
+
+
+def reverse_pair(layer, name="default"):
+    factors = layer.adapters[name].extra_factors
+    return to_np(factors["reverse_lora_a"]), to_np(factors["reverse_lora_b"])
+
+
+def updated_reverse(layer):
+    """W_rev + s·A_revᵀB_rev, by hand."""
+    a, b = reverse_pair(layer)
+    return to_np(layer.base_layer.reverse_embeddings) + layer.scaling * a.T @ b
+
+
+def test_untied_adapter_gets_a_reverse_pair_with_readable_paths():
+    layer = adapted(untied())
+    factors = layer.adapters["default"].extra_factors
+    assert {n: tuple(v.shape) for n, v in factors.items()} == {
+        "reverse_lora_a": (RANK, DIM), "reverse_lora_b": (RANK, VOCAB)}
+    assert [v.path for v in layer.trainable_weights] == [
+        "table/lora_a", "table/lora_b",
+        "table/reverse_lora_a", "table/reverse_lora_b"]
+    assert not layer.base_layer.reverse_embeddings.trainable
+    assert adapted(table(keras.layers.ReversibleEmbedding)).adapters[
+        "default"].extra_factors == {}
+
+
+def test_fresh_untied_adapter_leaves_both_directions_unchanged():
+    base = untied()
+    x = hidden()
+    lookup, logits = to_np(base(IDS)), to_np(base(x, reverse=True))
+    layer = LoRAReversibleEmbedding.from_layer(base, rank=RANK)
+    np.testing.assert_allclose(to_np(layer(IDS)), lookup)
+    np.testing.assert_allclose(to_np(layer(x, reverse=True)), logits, atol=1e-7)
+
+
+def test_untied_factored_update_equals_the_materialized_update_both_ways():
+    layer = adapted(untied())
+    x = hidden()
+    np.testing.assert_allclose(to_np(layer(IDS)), updated_table(layer)[IDS],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_np(layer(x, reverse=True)),
+                               x @ updated_reverse(layer), rtol=1e-5, atol=1e-5)
+
+
+def test_untied_logit_soft_cap_applies_after_the_reverse_update():
+    layer = adapted(untied(logit_soft_cap=2.0))
+    x = hidden()
+    expected = np.tanh(x @ updated_reverse(layer) / 2.0) * 2.0
+    np.testing.assert_allclose(to_np(layer(x, reverse=True)), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_untied_merge_folds_each_pair_into_its_own_table():
+    layer = adapted(untied())
+    expected_table, expected_reverse = updated_table(layer), updated_reverse(layer)
+    layer.merge()
+    np.testing.assert_allclose(to_np(layer.kernel), expected_table, atol=1e-6)
+    np.testing.assert_allclose(to_np(layer.base_layer.reverse_embeddings),
+                               expected_reverse, atol=1e-6)
+
+
+def test_untied_merge_refuses_a_non_finite_reverse_pair_changing_nothing():
+    layer = adapted(untied())
+    table_before = to_np(layer.kernel).copy()
+    layer.adapters["default"].extra_factors["reverse_lora_b"].assign(
+        np.full((RANK, VOCAB), np.inf, "float32"))
+    with pytest.raises(ValueError, match="reverse table"):
+        layer.merge()
+    assert not layer.merged
+    np.testing.assert_array_equal(to_np(layer.kernel), table_before)
+
+
+def test_two_named_adapters_add_up_in_both_untied_directions():
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), untied()])
+    keras_lora.apply_lora(model, rank=2, targets="table")
+    keras_lora.add_adapter(model, "second", rank=3, targets="table")
+    keras_lora.set_adapter(model, ["default", "second"])
+    layer = keras_lora.lora_layers(model)["table"]
+    second = layer.adapters["second"]
+    # Beside the adapter's own lora_a, whatever its scope.
+    assert second.extra_factors["reverse_lora_a"].path == (
+        second.lora_a.path.replace("/lora_a", "/reverse_lora_a"))
+    randomize(model, seed=4)
+    expected = to_np(layer.base_layer.reverse_embeddings).copy()
+    for name, adapter in layer.adapters.items():
+        a, b = reverse_pair(layer, name)
+        expected += adapter.scaling * a.T @ b
+    x = hidden()
+    np.testing.assert_allclose(to_np(layer(x, reverse=True)), x @ expected,
+                               rtol=1e-5, atol=1e-5)
+    keras_lora.set_adapter(model, "second")
+    assert {id(v) for v in layer.trainable_weights} == {
+        id(v) for v in second.variables}
+    assert len(second.variables) == 4
+
+
+def test_untied_mixed_precision_keeps_float32_reverse_pair():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    layer = adapted(untied())
+    assert {v.dtype for v in layer.adapters["default"].extra_factors.values()} == {
+        "float32"}
+    x = ops.cast(hidden(), "bfloat16")
+    assert keras.backend.standardize_dtype(
+        layer(x, reverse=True).dtype) == "bfloat16"
+
+
+def test_untied_pair_refuses_a_weighted_combination():
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), untied()])
+    keras_lora.apply_lora(model, rank=2, targets="table")
+    with pytest.raises(ValueError, match="layer 'table'.*weighted"):
+        keras_lora.add_weighted_adapter(model, ["default"], [1.0], "mix")
+
+
+def test_loraplus_treats_the_reverse_b_as_a_b_matrix():
+    from keras_lora.loraplus import is_lora_b
+
+    layer = adapted(untied())
+    factors = layer.adapters["default"].extra_factors
+    assert is_lora_b(factors["reverse_lora_b"])
+    assert not is_lora_b(factors["reverse_lora_a"])
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A keras-hub Llama causal LM (untied token embedding), adapted on its
+    token embedding with random B factors, and its logits."""
+    import keras_hub
+
+    keras.utils.set_random_seed(7)
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=VOCAB, num_layers=1, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=8, intermediate_dim=16,
+    )
+    lm = keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+    base_logits = to_np(lm(LLAMA_INPUTS))
+    base_weights = lm.get_weights()
+    keras_lora.apply_lora(lm, rank=2, targets="token_embedding")
+    randomize(lm)
+    return lm, base_logits, to_np(lm(LLAMA_INPUTS)), base_weights
+
+
+LLAMA_INPUTS = {"token_ids": IDS, "padding_mask": np.ones_like(IDS, dtype=bool)}
+
+
+def test_llama_untied_token_embedding_adapts_both_directions(tiny_llama):
+    lm, base_logits, logits, _ = tiny_llama
+    (path, lora), = keras_lora.lora_layers(lm).items()
+    assert isinstance(lora, LoRAReversibleEmbedding)
+    assert not lora.base_layer.tie_weights
+    assert lora.adapters["default"].extra_factors["reverse_lora_a"].path.endswith(
+        "token_embedding/reverse_lora_a")
+    assert not np.allclose(logits, base_logits, atol=1e-4)
+    # Disabling the lookup's pair alone still leaves the reverse update.
+    b = to_np(lora.lora_b).copy()
+    lora.lora_b.assign(np.zeros(lora.lora_b.shape, "float32"))
+    assert not np.allclose(to_np(lm(LLAMA_INPUTS)), base_logits, atol=1e-5)
+    lora.lora_b.assign(b)
+
+
+def test_llama_untied_merged_logits_equal_unmerged(tiny_llama):
+    lm, _, logits, _ = tiny_llama
+    merged = keras_lora.merge_lora(lm)
+    (lora,) = keras_lora.lora_layers(lm).values()
+    assert type(merged.backbone.token_embedding) is type(lora.base_layer)
+    np.testing.assert_allclose(to_np(merged(LLAMA_INPUTS)), logits,
+                               rtol=1e-4, atol=1e-4)
+    keras_lora.merge_adapters(lm)
+    try:
+        np.testing.assert_allclose(to_np(lm(LLAMA_INPUTS)), logits,
+                                   rtol=1e-4, atol=1e-4)
+    finally:
+        keras_lora.unmerge_adapters(lm)
+    np.testing.assert_allclose(to_np(lm(LLAMA_INPUTS)), logits,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_llama_untied_adapter_file_round_trip(tiny_llama, tmp_path):
+    import keras_hub
+
+    lm, _, logits, base_weights = tiny_llama
+    path = str(tmp_path / "untied.safetensors")
+    keras_lora.save_adapter(lm, path)
+    stored = keras_lora.read_adapter(path)
+    (record,) = stored.layers.values()
+    assert record.extra_factor_shapes == {
+        "reverse_lora_a": (2, 8), "reverse_lora_b": (2, VOCAB)}
+    fresh = keras_hub.models.LlamaCausalLM(
+        backbone=keras_hub.models.LlamaBackbone.from_config(
+            lm.backbone.get_config()),
+        preprocessor=None,
+    )
+    fresh.set_weights(base_weights)
+    keras_lora.load_adapter(fresh, path)
+    np.testing.assert_allclose(to_np(fresh(LLAMA_INPUTS)), logits,
+                               rtol=1e-5, atol=1e-5)
+    # In place into the same adapted model: the values are assigned.
+    keras_lora.load_adapter(fresh, path)
+    np.testing.assert_allclose(to_np(fresh(LLAMA_INPUTS)), logits,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_untied_file_does_not_load_into_a_tied_layer(tmp_path):
+    def sequential(tie):
+        return keras.Sequential([
+            keras.Input((4,), dtype="int32"),
+            table(keras.layers.ReversibleEmbedding, tie_weights=tie)])
+
+    model = sequential(False)
+    keras_lora.apply_lora(model, rank=2, targets="table")
+    path = str(tmp_path / "untied.safetensors")
+    keras_lora.save_adapter(model, path)
+    tied = sequential(True)
+    keras_lora.apply_lora(tied, rank=2, targets="table")
+    with pytest.raises(ValueError, match="reverse_lora_a.*Nothing was changed"):
+        keras_lora.load_adapter(tied, path)
+    with pytest.raises(ValueError, match="reverse_lora_a.*Nothing was changed"):
+        keras_lora.load_adapter(sequential(True), path)
+
+
+def test_clone_with_lora_adapts_an_untied_copy():
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), untied()])
+    clone = keras_lora.clone_with_lora(model, rank=2, targets="table")
+    layer = keras_lora.lora_layers(clone)["table"]
+    assert sorted(layer.adapters["default"].extra_factors) == [
+        "reverse_lora_a", "reverse_lora_b"]
+    assert type(model.layers[0]) is keras.layers.ReversibleEmbedding
+
+
+@pytest.mark.backend("jax")  # keras.distribution is JAX-only in Keras 3
+def test_untied_reverse_pair_follows_the_reverse_table_layout():
+    mesh = keras.distribution.DeviceMesh(
+        (1, 1), ("batch", "model"), keras.distribution.list_devices()[:1]
+    )
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*/embeddings"] = ("model", "batch")
+    layout_map[".*reverse_embeddings"] = ("batch", "model")
+    distribution = keras.distribution.ModelParallel(layout_map=layout_map)
+    with distribution.scope():
+        model = keras.Sequential([keras.Input((4,), dtype="int32"), untied()])
+        keras_lora.apply_lora(model, rank=2, targets="table")
+    factors = keras_lora.lora_layers(model)["table"].adapters["default"].extra_factors
+    layout = distribution.get_variable_layout
+    assert layout(factors["reverse_lora_a"]).axes == (None, "batch")
+    assert layout(factors["reverse_lora_b"]).axes == (None, "model")
+    extended = keras_lora.extend_layout_map(
+        keras.distribution.LayoutMap(mesh), model)
+    assert extended["table/reverse_lora_b"].axes == (None, None)
+    layout_map_2 = keras.distribution.LayoutMap(mesh)
+    layout_map_2["table/reverse_embeddings"] = ("batch", "model")
+    keras_lora.extend_layout_map(layout_map_2, model)
+    assert layout_map_2["table/reverse_lora_a"].axes == (None, "batch")

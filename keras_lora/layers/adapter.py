@@ -116,15 +116,22 @@ class Adapter:
             variable computed once from the frozen kernel, or `None`.
         initial_factors: `(A₀, B₀)` host copies for a PiSSA / OLoRA adapter
             (see `keras_lora.init_methods`), else `None`.
+        extra_factors: `{name: variable}` of the further low-rank pairs a
+            layer type gives each adapter, one pair per further kernel it
+            updates (an untied `ReversibleEmbedding`'s `reverse_lora_a` /
+            `reverse_lora_b`; see `LoRALayer.extra_factor_kernels`), float32
+            and trainable, saved in adapter files as `"<layer path>/<name>"`;
+            `{}` for most layer types.
     """
 
     def __init__(self, spec, lora_a, lora_b, lora_magnitude=None,
-                 kernel_norm_sq=None):
+                 kernel_norm_sq=None, extra_factors=None):
         self.spec = spec
         self.lora_a = lora_a
         self.lora_b = lora_b
         self.lora_magnitude = lora_magnitude
         self.kernel_norm_sq = kernel_norm_sq
+        self.extra_factors = dict(extra_factors or {})
         self.initial_factors = None
 
     name = property(lambda self: self.spec.name)
@@ -138,9 +145,10 @@ class Adapter:
 
     @property
     def variables(self):
-        """The trainable variables: `lora_a`, `lora_b` (and DoRA's magnitude)."""
+        """The trainable variables: `lora_a`, `lora_b` (and DoRA's magnitude),
+        then the `extra_factors`."""
         extra = [self.lora_magnitude] if self.lora_magnitude is not None else []
-        return [self.lora_a, self.lora_b] + extra
+        return [self.lora_a, self.lora_b] + extra + list(self.extra_factors.values())
 
     def __repr__(self):
         return f"<Adapter {self.name!r} rank={self.rank} alpha={self.alpha:g}>"

@@ -214,6 +214,30 @@ class LoRALayer(keras.layers.Layer):
             tuple(range(n_contracted, n_contracted + len(free))),
         )
 
+    @classmethod
+    def extra_factor_kernels(cls, base_layer):
+        """Further kernels that each adapter updates with its own pair.
+
+        Returns `{prefix: (kernel, contracted_axes, free_axes)}`; each
+        adapter then also holds `<prefix>lora_a` `(rank,) + contracted` and
+        `<prefix>lora_b` `(rank,) + free` (in `Adapter.extra_factors`),
+        created, laid out, trained, saved and loaded like `lora_a` /
+        `lora_b`. The layer type applies and merges them. Default: none.
+        """
+        return {}
+
+    @classmethod
+    def extra_factor_shapes(cls, base_layer, rank):
+        """`{name: shape}` of each adapter's `extra_factors` at `rank`."""
+        shapes = {}
+        for prefix, (kernel, contracted, free) in (
+            cls.extra_factor_kernels(base_layer).items()
+        ):
+            shape = tuple(kernel.shape)
+            shapes[prefix + "lora_a"] = (rank,) + tuple(shape[i] for i in contracted)
+            shapes[prefix + "lora_b"] = (rank,) + tuple(shape[i] for i in free)
+        return shapes
+
     def _base_preactivation(self, inputs):
         raise NotImplementedError
 
@@ -441,7 +465,27 @@ class LoRALayer(keras.layers.Layer):
                     initializer=_Constant(squared), dtype="float32",
                     trainable=False,
                 )
-        self._adapters.add(Adapter(spec, lora_a, lora_b, magnitude, norm_sq))
+            extra_factors = self._create_extra_factors(spec)
+        self._adapters.add(
+            Adapter(spec, lora_a, lora_b, magnitude, norm_sq, extra_factors)
+        )
+
+    def _create_extra_factors(self, spec):
+        """The pairs of `extra_factor_kernels`, in the adapter's name scope."""
+        factors = {}
+        for prefix, (kernel, contracted, free) in (
+            self.extra_factor_kernels(self.base_layer).items()
+        ):
+            shapes = self.extra_factor_shapes(self.base_layer, spec.rank)
+            names = (prefix + "lora_a", prefix + "lora_b")
+            initial = (_RankFirst(spec.lora_a_initializer), spec.lora_b_initializer)
+            with adapter_layout_scope(kernel, contracted, free, names=names):
+                for name, initializer in zip(names, initial):
+                    factors[name] = self.add_weight(
+                        name=name, shape=shapes[name], initializer=initializer,
+                        dtype="float32", trainable=True,
+                    )
+        return factors
 
     def _check_initial_values(self):
         """Refuses an initializer that drew NaN or infinite adapters (run
@@ -626,6 +670,14 @@ class LoRALayer(keras.layers.Layer):
                 "changed."
             )
         return merged
+
+    def merged_weights(self):
+        """`[(variable, merged value)]` of every base weight a merge changes.
+
+        The kernel and `merged_kernel()` (checked as it does); a layer type
+        with `extra_factor_kernels` adds those kernels.
+        """
+        return [(self.kernel, self.merged_kernel())]
 
     def _finite_delta(self):
         delta = self.delta_kernel()

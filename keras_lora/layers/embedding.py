@@ -4,7 +4,9 @@ A table `W` of shape `(vocab, dim)` is updated by `scaling · Aᵀ·B` with
 `lora_a` of shape `(rank, vocab)` (PEFT's `lora_embedding_A`) and `lora_b`
 of shape `(rank, dim)` (PEFT's `lora_embedding_B`, transposed). A lookup
 gathers rows of `Aᵀ` (`rank` numbers per token) and multiplies them by `B`,
-so the `(vocab, dim)` update is never formed while training.
+so the `(vocab, dim)` update is never formed while training. An untied
+`ReversibleEmbedding`'s reverse table `(dim, vocab)` gets a second pair per
+adapter (`reverse_lora_a`, `reverse_lora_b`), applied the same way.
 
 As in PEFT, the LoRA path of an embedding takes no dropout: its input is
 token ids (the `dropout` argument is accepted and has no effect).
@@ -156,17 +158,26 @@ _REVERSIBLE = reversible_embedding_class()
 class LoRAReversibleEmbedding(LoRAEmbedding):
     """A `ReversibleEmbedding` (Keras / keras-hub) with a LoRA table update.
 
-    The lookup computes what `LoRAEmbedding` does. With tied weights the
-    same update applies to the reverse (logits) projection,
-    `x · (W + s·Aᵀ·B)ᵀ`, computed as `x·Wᵀ + s·(x·Bᵀ)·A`, so merging into
-    the one tied table changes neither direction. With untied weights the
-    adapter updates the input table only; the separate `reverse_embeddings`
-    stays frozen and unadapted.
+    The lookup computes what `LoRAEmbedding` does.
+
+    - Tied weights (one table): the same update applies to the reverse
+      (logits) projection, `x · (W + s·Aᵀ·B)ᵀ`, computed as
+      `x·Wᵀ + s·(x·Bᵀ)·A`, so merging into the one tied table changes
+      neither direction.
+    - Untied weights: the separate reverse kernel `reverse_embeddings`
+      `(dim, vocab)` is a weight of its own, and each adapter gets a second
+      pair for it, `reverse_lora_a` `(rank, dim)` and `reverse_lora_b`
+      `(rank, vocab)` (the Dense convention: A over the contracted `dim`),
+      applied factored, `x·W_rev + s·(x·A_revᵀ)·B_rev`. Merging folds each
+      pair into its own table. Both pairs share the adapter's rank, alpha
+      and scaling; adapter files hold them as `".../reverse_lora_a"` /
+      `".../reverse_lora_b"`.
 
     Args:
         base_layer: a built `ReversibleEmbedding`.
         rank, alpha, dropout, use_rslora, lora_a_initializer,
-        lora_b_initializer, **kwargs: as for `LoRAEmbedding`.
+        lora_b_initializer, **kwargs: as for `LoRAEmbedding` (the
+        initializers apply to both pairs; dropout to neither).
 
     Call arguments:
         inputs: token ids, or hidden states `(..., dim)` with `reverse=True`.
@@ -174,14 +185,30 @@ class LoRAReversibleEmbedding(LoRAEmbedding):
 
     Example:
 
-    >>> table = keras.layers.ReversibleEmbedding(10, 4)
+    >>> table = keras.layers.ReversibleEmbedding(10, 4, tie_weights=False)
     >>> table.build((None,))
     >>> layer = LoRAReversibleEmbedding.from_layer(table, rank=2)
     >>> tuple(layer(np.ones((3, 4)), reverse=True).shape)
     (3, 10)
+    >>> sorted(layer.adapters["default"].extra_factors)
+    ['reverse_lora_a', 'reverse_lora_b']
     """
 
     base_layer_class = _REVERSIBLE if _REVERSIBLE is not None else type(None)
+
+    @classmethod
+    def extra_factor_kernels(cls, base_layer):
+        """`{"reverse_": (reverse_embeddings, (0,), (1,))}` when untied."""
+        if base_layer.tie_weights:
+            return {}
+        # (dim, vocab): hidden states contract `dim`, logits are `vocab`.
+        return {_REVERSE: (base_layer.reverse_embeddings, (0,), (1,))}
+
+    @property
+    def reverse_kernel(self):
+        """The untied reverse table `(dim, vocab)`, or `None` when tied."""
+        base = self.base_layer
+        return None if base.tie_weights else base.reverse_embeddings
 
     def call(self, inputs, reverse=False, training=None):
         if not reverse:
@@ -204,10 +231,104 @@ class LoRAReversibleEmbedding(LoRAEmbedding):
                     logits, x, _like(lora_b, logits), _like(lora_a, logits),
                     scaling,
                 )
+        else:
+            for adapter in self._applied_adapters():
+                factors = adapter.extra_factors
+                logits = add_low_rank_update(
+                    logits, inputs,
+                    self._in_compute_dtype(factors[_REVERSE_A], logits),
+                    self._in_compute_dtype(factors[_REVERSE_B], logits),
+                    adapter.scaling,
+                )
         if base.logit_soft_cap is not None:
             cap = base.logit_soft_cap
             logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
         return logits
+
+    def _applied_adapters(self):
+        """The adapters `call` adds (none while disabled or merged)."""
+        if not self.adapter_enabled or self.merged:
+            return []
+        return [self._adapters[n] for n in self._present(self.active_adapters)]
+
+    # Merging: an untied layer folds each pair into its own table ----------
+
+    def reverse_delta(self, adapter_names=None):
+        """`Σ scaling · A_revᵀ·B_rev` `(dim, vocab)` as float32 (untied only).
+
+        Args:
+            adapter_names: the adapters to sum; default: the active ones.
+        """
+        names = self._present(
+            self.active_adapters if adapter_names is None else adapter_names
+        )
+        delta = ops.zeros(tuple(self.reverse_kernel.shape), "float32")
+        for name in names:
+            factors = self._adapters[name].extra_factors
+            term = ops.matmul(
+                ops.transpose(ops.convert_to_tensor(factors[_REVERSE_A].value)),
+                ops.convert_to_tensor(factors[_REVERSE_B].value),
+            )
+            delta = ops.add(delta, ops.multiply(term, self._adapters[name].scaling))
+        return delta
+
+    def _merged_reverse(self):
+        delta = self.reverse_delta()
+        kernel = ops.convert_to_tensor(self.reverse_kernel.value)
+        merged = ops.cast(ops.add(ops.cast(kernel, "float32"), delta), kernel.dtype)
+        if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(merged)))):
+            raise ValueError(
+                f"Layer '{self.name}': the merged reverse table "
+                "W_rev + scaling·A_revᵀ·B_rev holds NaN or infinite entries "
+                f"in its dtype {keras.backend.standardize_dtype(kernel.dtype)}; "
+                "refusing to merge. Nothing was changed."
+            )
+        return merged
+
+    def merged_weights(self):
+        """The merged table and, when untied, the merged reverse table."""
+        weights = super().merged_weights()
+        if self.reverse_kernel is not None:
+            weights.append((self.reverse_kernel, self._merged_reverse()))
+        return weights
+
+    def merge(self):
+        """Folds the active adapters into the table (and the untied reverse
+        table), as `LoRALayer.merge`; both are checked before either changes."""
+        untied = self.reverse_kernel is not None
+        folds = untied and not self.merged and self.adapter_enabled
+        reverse = self._merged_reverse() if folds else None
+        super().merge()
+        if reverse is not None:
+            self.reverse_kernel.assign(reverse)
+
+    def unmerge(self):
+        """Takes the merged updates out of both tables again."""
+        restored = None
+        if self.merged and self.reverse_kernel is not None:
+            value = ops.convert_to_tensor(self.reverse_kernel.value)
+            restored = ops.cast(ops.subtract(
+                ops.cast(value, "float32"), self.reverse_delta(self._merged_names)
+            ), value.dtype)
+        super().unmerge()
+        if restored is not None:
+            self.reverse_kernel.assign(restored)
+
+    def _check_initial_values(self):
+        super()._check_initial_values()
+        for adapter in self._adapters.values():
+            for name, variable in adapter.extra_factors.items():
+                if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(variable)))):
+                    initializer = (
+                        adapter.spec.lora_a_initializer if name == _REVERSE_A
+                        else adapter.spec.lora_b_initializer
+                    )
+                    raise ValueError(
+                        f"{type(self).__name__} for layer '{self.name}': the "
+                        f"initial {name} of adapter '{adapter.name}' holds NaN "
+                        "or infinite values. Received: initializer="
+                        f"{keras.initializers.serialize(initializer)!r}"
+                    )
 
     def compute_mask(self, inputs, mask=None):
         # As ReversibleEmbedding: the lookup sets its mask in `call`.
@@ -218,3 +339,8 @@ class LoRAReversibleEmbedding(LoRAEmbedding):
 
     def compute_output_spec(self, inputs, reverse=False, training=None):
         return self.base_layer.compute_output_spec(inputs, reverse=reverse)
+
+
+_REVERSE = "reverse_"
+_REVERSE_A = _REVERSE + "lora_a"
+_REVERSE_B = _REVERSE + "lora_b"
