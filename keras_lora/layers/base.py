@@ -654,12 +654,17 @@ class LoRALayer(keras.layers.Layer):
     def merged_kernel(self):
         """Returns `W + Σ_active scaling · A·B` in the kernel's dtype.
 
+        For an int8 / int4 base: `W_deq + Σ scaling · A·B` as float32, with
+        `W_deq` the dequantized kernel (`merge_lora` quantizes it again).
+
         Raises:
             ValueError: if the update, or the merged kernel in the kernel's
                 dtype (a float16 kernel overflows past 65504), holds a NaN
                 or an infinity.
         """
         delta = self._finite_delta()
+        if quantized.mode_of(self.base_layer) is not None:
+            return ops.add(quantized.dequantized_kernel(self.base_layer), delta)
         kernel = ops.convert_to_tensor(self.kernel.value)
         merged = ops.cast(ops.add(ops.cast(kernel, "float32"), delta), kernel.dtype)
         if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(merged)))):
@@ -698,22 +703,19 @@ class LoRALayer(keras.layers.Layer):
         """
         if self.merged:
             return
+        if quantized.mode_of(self.base_layer) is not None:
+            raise quantized.merge_refused(self)
         if not self.adapter_enabled:
             raise ValueError(
                 f"Layer '{self.name}': its adapter is disabled, so merging it "
                 "would change what the layer computes; call "
                 "`enable_adapter()` first."
-        For an int8 / int4 base: `W_deq + Σ scaling · A·B` as float32, with
-        `W_deq` the dequantized kernel (`merge_lora` quantizes it again).
-
             )
         names = self._present(self.active_adapters)
         # DoRA rescales W itself: keep its per-unit factors to undo it.
         self._merged_dora_factors = {
             name: ops.convert_to_numpy(dora.merge_factor(self, self._adapters[name]))
             for name in names if self._adapters[name].use_dora
-        if quantized.mode_of(self.base_layer) is not None:
-            return ops.add(quantized.dequantized_kernel(self.base_layer), delta)
         }
         self.kernel.assign(self.merged_kernel())
         self._merged_names = names
@@ -752,8 +754,6 @@ class LoRALayer(keras.layers.Layer):
         `keras_lora.disable_adapters(model)` instead, which resets that
         model's functions.
         """
-        if quantized.mode_of(self.base_layer) is not None:
-            raise quantized.merge_refused(self)
         self.adapter_enabled = False
         _reset_owner_functions(self)
 
