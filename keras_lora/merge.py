@@ -18,14 +18,18 @@ Every route checks all updates for NaN / infinity before it changes
 anything.
 """
 
+import functools
+
 import keras
 
+from keras_lora import config as lora_config
 from keras_lora import model_copy
 from keras_lora import model_walk
 from keras_lora import trained_weights
 from keras_lora.hub import reset_compiled_functions
 from keras_lora.layers import LORA_LAYER_FOR
 from keras_lora.layers import LoRALayer
+from keras_lora.layers import quantized
 
 # Every LoRA class of the dispatch table, as its serialized config names it.
 _LORA_REGISTERED_NAMES = frozenset(
@@ -34,7 +38,7 @@ _LORA_REGISTERED_NAMES = frozenset(
 )
 
 
-def merge_lora(model, in_place=False):
+def merge_lora(model, in_place=False, dequantize=False):
     """Returns a model with every LoRA update folded into its kernel.
 
     The result contains only the base model's own layer classes: each LoRA
@@ -47,6 +51,16 @@ def merge_lora(model, in_place=False):
     whose adapter is disabled or already merged contributes its kernel as
     it is, matching what it computes.
 
+    A LoRA layer on an int8 / int4 base (Keras's `model.quantize`) stays
+    quantized: its kernel is dequantized, the update added and the sum
+    quantized again by Keras's own `quantize` with the base's mode and
+    config, which adds one more rounding of the kernel (see
+    docs/quantized_bases.md for its size). With `dequantize=True` such a
+    layer becomes a float layer holding `W_deq + scaling·A·B` instead,
+    which computes what the LoRA model computes (exactly, up to float
+    rounding, where the base quantizes weights only; Keras's int8 layers
+    also quantize their inputs, a rounding the float layer no longer does).
+
     Args:
         model: a Keras model with LoRA layers.
         in_place: if `False` (default), build and return a new model and
@@ -55,6 +69,10 @@ def merge_lora(model, in_place=False):
             shared base kernel, swap every LoRA layer back for its base
             layer (made trainable again) and return `model`; no weight is
             copied. Other layers keep their trainable flags.
+        dequantize: if `True`, LoRA layers on int8 / int4 bases become
+            float layers (`W_deq + scaling·A·B`, in the base's float dtype
+            policy) instead of being quantized again; other quantized
+            layers are kept as they are. Needs `in_place=False`.
 
     Returns:
         The merged model. A new model is compiled with the LoRA model's
@@ -62,8 +80,9 @@ def merge_lora(model, in_place=False):
         `CausalLM`'s sampler included), with a fresh optimizer.
 
     Raises:
-        ValueError: if the model has no LoRA layers, or an update holds NaN
-            or infinite values (nothing is changed).
+        ValueError: if the model has no LoRA layers, an update holds NaN
+            or infinite values, or `dequantize=True` with `in_place=True`
+            (nothing is changed).
 
     Example:
 
@@ -74,11 +93,21 @@ def merge_lora(model, in_place=False):
     >>> type(merged.get_layer("proj")).__name__
     'Dense'
     """
+    for flag, value in (("in_place", in_place), ("dequantize", dequantize)):
+        lora_config.validate_bool(value, flag, "merge_lora: ")
     entries = _lora_entries(model)
-    _check_finite(entries)
+    if in_place and dequantize:
+        raise ValueError(
+            "merge_lora: dequantize=True makes new float layers for the "
+            "quantized bases, which in_place=True (that keeps every base "
+            "layer object) cannot do. Use `merge_lora(model, "
+            "dequantize=True)` (a new model). Nothing was changed. Received: "
+            "in_place=True, dequantize=True"
+        )
+    _check_finite(entries, dequantize)
     if in_place:
         return _merge_in_place(model, entries)
-    return _merge_to_new_model(model)
+    return _merge_to_new_model(model, dequantize)
 
 
 def merge_adapters(model):
@@ -227,7 +256,7 @@ def _folds_update(layer):
     return layer.adapter_enabled and not layer.merged
 
 
-def _check_finite(entries):
+def _check_finite(entries, dequantize=False):
     """Every update to fold, and its merged kernel in the kernel's dtype, is
     finite; one layer at a time, so a large model never holds every merged
     kernel at once (merging computes each again: twice the arithmetic, no
@@ -236,7 +265,10 @@ def _check_finite(entries):
         if not _folds_update(entry.layer):
             continue
         try:
-            entry.layer.merged_weights()
+            if dequantize and quantized.mode_of(entry.layer.base_layer):
+                entry.layer.merged_kernel()
+            else:
+                entry.layer.merged_weights()
         except ValueError as error:
             raise ValueError(
                 f"Layer '{entry.path}': {str(error).split(': ', 1)[-1]}"
@@ -248,6 +280,22 @@ def _effective_weights(layer):
     if _folds_update(layer):
         return {id(v): value for v, value in layer.merged_weights()}
     return {}
+
+
+def _dequantized_weights(layer):
+    """For a quantized base: `model_copy.ByName` values of its float twin
+    (`W_deq` plus the update it computes with, and the bias)."""
+    base = layer.base_layer
+    if not quantized.mode_of(base):
+        return _effective_weights(layer)
+    kernel = (
+        layer.merged_kernel() if _folds_update(layer)
+        else quantized.dequantized_kernel(base)
+    )
+    values = model_copy.ByName(kernel=kernel)
+    if getattr(base, "bias", None) is not None:
+        values["bias"] = base.bias.value
+    return values
 
 
 # In place -----------------------------------------------------------------
@@ -272,8 +320,11 @@ def _merge_in_place(model, entries):
 # New model ----------------------------------------------------------------
 
 
-def _merge_to_new_model(model):
-    merged = model_copy.rebuild(model, _strip_lora, who="merge_lora")
+def _merge_to_new_model(model, dequantize=False):
+    merged = model_copy.rebuild(
+        model, functools.partial(_strip_lora, dequantize=dequantize),
+        who="merge_lora",
+    )
     leftover = [
         entry.path
         for entry in model_walk.walk(merged).values()
@@ -284,17 +335,21 @@ def _merge_to_new_model(model):
             f"merge_lora: could not rebuild model '{model.name}' without "
             f"LoRA layers; still present: {leftover}."
         )
-    model_copy.copy_state(model, merged, merged_of=_effective_weights)
+    model_copy.copy_state(
+        model, merged,
+        merged_of=_dequantized_weights if dequantize else _effective_weights,
+    )
     from keras_lora.surgery import compile_like
 
     compile_like(merged, model)
     return merged
 
 
-def _strip_lora(config):
-    """Replaces every serialized LoRA layer by its serialized base layer."""
+def _strip_lora(config, dequantize=False):
+    """Replaces every serialized LoRA layer by its serialized base layer
+    (with `dequantize`, a quantized base by its float form)."""
     if isinstance(config, list):
-        return [_strip_lora(item) for item in config]
+        return [_strip_lora(item, dequantize) for item in config]
     if not isinstance(config, dict):
         return config
     if config.get("registered_name") in _LORA_REGISTERED_NAMES:
@@ -305,6 +360,10 @@ def _strip_lora(config):
             name=wrapper["name"],
             trainable=wrapper.get("trainable", True),
         )
+        if dequantize and _is_quantized_policy(base["config"].get("dtype")):
+            # The wrapper's policy is the base's float source policy.
+            base["config"]["dtype"] = wrapper["dtype"]
+            base["config"]["quantization_config"] = None
         # Graph wiring (`name`, `inbound_nodes`) belongs to the wrapper's slot.
         for key, value in config.items():
             if key not in ("module", "class_name", "config", "registered_name",
@@ -313,6 +372,16 @@ def _strip_lora(config):
         if "build_config" in config and "build_config" not in base:
             base["build_config"] = config["build_config"]
         return base
-    return {key: _strip_lora(value) for key, value in config.items()}
+    return {key: _strip_lora(value, dequantize) for key, value in config.items()}
+
+
+def _is_quantized_policy(dtype_config):
+    if dtype_config is None:
+        return False
+    try:
+        policy = keras.dtype_policies.deserialize(dtype_config)
+    except (TypeError, ValueError):
+        return False
+    return getattr(policy, "quantization_mode", None) is not None
 
 

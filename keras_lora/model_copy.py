@@ -120,8 +120,13 @@ def _has_assets(layer):
 
 
 def _copy_own_variables(source, target, where, merged_of):
-    if isinstance(source, LoRALayer):
-        replaced = merged_of(source) if merged_of is not None else {}
+    replaced = (
+        merged_of(source)
+        if merged_of is not None and isinstance(source, LoRALayer) else {}
+    )
+    if isinstance(replaced, ByName):
+        values = _values_by_name(replaced, target, where)
+    elif isinstance(source, LoRALayer):
         values = [
             replaced.get(id(variable), variable.value)
             for variable in model_walk.own_variables(source.base_layer)
@@ -144,6 +149,21 @@ def _copy_own_variables(source, target, where, merged_of):
         # A copy: on JAX two variables must never share one buffer, since a
         # jitted step may donate (delete) it.
         variable.assign(ops.copy(value))
+
+
+class ByName(dict):
+    """`{variable name: value}`: the whole state of a rebuilt layer whose
+    variables differ from the source's (a quantized base rebuilt float)."""
+
+
+def _values_by_name(values, target, where):
+    names = [variable.name for variable in model_walk.own_variables(target)]
+    if sorted(names) != sorted(values):
+        raise ValueError(
+            f"{_WHO}: layer '{where}' has variables {sorted(values)} to copy "
+            f"but {sorted(names)} in the rebuilt model."
+        )
+    return [values[name] for name in names]
 
 
 def _copy_assets(source, target):
