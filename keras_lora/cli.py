@@ -87,7 +87,9 @@ def _parser():
     inspect = commands.add_parser(
         "inspect", help="list an adapter file's layers, ranks and sizes"
     )
-    inspect.add_argument("adapter", help="an adapter .safetensors file")
+    inspect.add_argument(
+        "adapter", help="an adapter .safetensors file or a PEFT adapter directory"
+    )
     inspect.add_argument(
         "--json", action="store_true", help="print a JSON document instead"
     )
@@ -140,6 +142,14 @@ def _version():
 def _inspect(args):
     # Only the file format: no Keras, no backend.
     from keras_lora.adapter_file import read_adapter
+    from keras_lora.peft_interop import peft_config
+
+    if peft_config.adapter_directory(args.adapter) is not None:
+        if args.json:
+            print(json.dumps(peft_config.summary(args.adapter), indent=2))
+        else:
+            print(peft_config.describe(args.adapter))
+        return
 
     adapter = read_adapter(args.adapter)
     file_bytes = os.path.getsize(args.adapter)

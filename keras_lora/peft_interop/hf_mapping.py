@@ -183,10 +183,11 @@ def record_declarations(backbone, hf_config=None):
             or the converter cannot run without the real checkpoint.
     """
     table = converters_by_model_type()
-    if hf_config is not None and hf_config.get("model_type") in table:
+    types = candidate_model_types(backbone)
+    if hf_config is not None and hf_config.get("model_type") in types:
         types = [hf_config["model_type"]]
     else:
-        types = candidate_model_types(backbone)
+        hf_config = None  # a checkpoint of another architecture
     if not types:
         raise ValueError(
             f"PEFT interop: keras-hub has no Hugging Face converter for "

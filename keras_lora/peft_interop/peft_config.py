@@ -184,13 +184,32 @@ def _split_key(key, directory):
     )
 
 
-def describe(path):
-    """A few lines describing a PEFT adapter directory (for `inspect`)."""
+def summary(path):
+    """`{"path", "format", "config", "tensors": {key: shape}}` of a PEFT
+    adapter directory (for `keras-lora inspect --json`)."""
     directory = adapter_directory(path)
     with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as file:
         config = json.load(file)
+    tensors = {}
+    weights = os.path.join(directory, WEIGHTS_FILE)
+    if os.path.isfile(weights):
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="np") as file:
+            tensors = {
+                key: list(file.get_slice(key).get_shape())
+                for key in sorted(file.keys())
+            }
+    return {"path": directory, "format": "peft", "config": config,
+            "tensors": tensors}
+
+
+def describe(path):
+    """A few lines describing a PEFT adapter directory (for `inspect`)."""
+    info = summary(path)
+    config = info["config"]
     lines = [
-        f"PEFT adapter {directory}",
+        f"PEFT adapter {info['path']}",
         f"  peft_type: {config.get('peft_type')}  base model: "
         f"{config.get('base_model_name_or_path')}",
         f"  r: {config.get('r')}  lora_alpha: {config.get('lora_alpha')}  "
@@ -201,19 +220,12 @@ def describe(path):
     for option in ("rank_pattern", "alpha_pattern"):
         if config.get(option):
             lines.append(f"  {option}: {config[option]}")
-    weights = os.path.join(directory, WEIGHTS_FILE)
-    if os.path.isfile(weights):
-        from safetensors import safe_open
-
-        with safe_open(weights, framework="numpy") as file:
-            keys = sorted(file.keys())
-            shapes = {k: file.get_slice(k).get_shape() for k in keys}
-        count = sum(int(_product(s)) for s in shapes.values())
-        lines.append(f"  tensors: {len(keys)}  parameters: {count}")
-        for key in keys:
-            lines.append(f"    {key} {list(shapes[key])}")
-    else:
-        lines.append(f"  ({WEIGHTS_FILE} missing)")
+    if not info["tensors"]:
+        lines.append(f"  ({WEIGHTS_FILE} missing or empty)")
+    count = sum(_product(shape) for shape in info["tensors"].values())
+    lines.append(f"  tensors: {len(info['tensors'])}  parameters: {count}")
+    for key, shape in info["tensors"].items():
+        lines.append(f"    {key} {shape}")
     return "\n".join(lines)
 
 
