@@ -105,6 +105,12 @@ class LoRADense(LoRALayer):
         )
 
     def merged_weights(self):
+        """`[(variable, merged value)]` of every base weight a merge changes.
+
+        The kernel and `merged_kernel()`; on an int8 / int4 base, its
+        quantized variables holding `W_deq + s·A·B` quantized again with
+        the base's mode and config (see `keras_lora/layers/quantized.py`).
+        """
         if self.base_layer.quantization_mode is not None:
             return quantized.merged_weights(self)
         return super().merged_weights()
