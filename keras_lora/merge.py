@@ -25,6 +25,7 @@ import keras
 from keras_lora import config as lora_config
 from keras_lora import model_copy
 from keras_lora import model_walk
+from keras_lora import traced_cache
 from keras_lora import trained_weights
 from keras_lora.hub import reset_compiled_functions
 from keras_lora.layers import LORA_LAYER_FOR
@@ -234,9 +235,10 @@ def enable_adapters(model):
 def _on_every_lora_layer(model, method):
     """Calls `method` on every LoRA layer, then resets the traced functions
     (which have the layers' Python flags baked in). Returns `model`."""
-    for entry in _lora_entries(model):
-        getattr(entry.layer, method)()
-    return reset_compiled_functions(model)
+    with traced_cache.deferred(model):
+        for entry in _lora_entries(model):
+            getattr(entry.layer, method)()
+    return model
 
 
 def _lora_entries(model):

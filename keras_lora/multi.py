@@ -11,6 +11,7 @@ are applied and trainable.
 
 from keras_lora import init_methods
 from keras_lora import surgery
+from keras_lora import traced_cache
 from keras_lora import trained_weights
 from keras_lora.layers.adapter import validate_adapter_name
 from keras_lora.transaction import Transaction
@@ -70,7 +71,9 @@ def set_adapter(model, adapter_name):
     model's traced functions are reset and, if it was compiled, it is
     compiled again with its settings (a fresh optimizer for the new
     trainable variables), so `predict` / `fit` / keras-hub `generate`
-    follow the switch.
+    follow the switch. Switching back to adapters the model has already
+    run with traces nothing again: their traced `predict` and `generate`
+    functions are kept (up to 8 states per model) and restored.
 
     Args:
         model: a Keras model with LoRA layers.
@@ -99,8 +102,9 @@ def set_adapter(model, adapter_name):
             f"set_adapter: layer '{merged[0]}' has its adapters merged; call "
             "`unmerge_adapters(model)` first. Nothing was changed."
         )
-    for layer in layers.values():
-        layer.set_active_adapters(names)
+    with traced_cache.deferred(model):
+        for layer in layers.values():
+            layer.set_active_adapters(names)
     surgery.recompile(model)
     return model
 

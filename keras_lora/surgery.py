@@ -491,11 +491,15 @@ def freeze(model, adapted, trainable_layers):
 
 def recompile(model):
     """Compiles `model` again with its own settings (keras-hub sampler kept)
-    and resets its traced functions; a no-op for an uncompiled model."""
+    and resets its traced functions (those traced in the model's current
+    state are kept, see `keras_lora/traced_cache.py`); the compile is a
+    no-op for an uncompiled model."""
+    from keras_lora import traced_cache
+
     if not isinstance(model, keras.Model):
         return
-    hub.reset_compiled_functions(model)
-    compile_like(model, model)
+    with traced_cache.kept_through_compile(model):
+        compile_like(model, model)
 
 
 def compile_like(model, source):
