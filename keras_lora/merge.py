@@ -105,7 +105,7 @@ def merge_lora(model, in_place=False, dequantize=False):
             "dequantize=True)` (a new model). Nothing was changed. Received: "
             "in_place=True, dequantize=True"
         )
-    _check_finite(entries, dequantize)
+    _check_finite(entries)
     if in_place:
         return _merge_in_place(model, entries)
     return _merge_to_new_model(model, dequantize)
@@ -258,7 +258,7 @@ def _folds_update(layer):
     return layer.adapter_enabled and not layer.merged
 
 
-def _check_finite(entries, dequantize=False):
+def _check_finite(entries):
     """Every update to fold, and its merged kernel in the kernel's dtype, is
     finite; one layer at a time, so a large model never holds every merged
     kernel at once (merging computes each again: twice the arithmetic, no
@@ -267,7 +267,8 @@ def _check_finite(entries, dequantize=False):
         if not _folds_update(entry.layer):
             continue
         try:
-            if dequantize and quantized.mode_of(entry.layer.base_layer):
+            if quantized.mode_of(entry.layer.base_layer):
+                # W_deq + s·A·B; quantizing it again cannot add a NaN.
                 entry.layer.merged_kernel()
             else:
                 entry.layer.merged_weights()
