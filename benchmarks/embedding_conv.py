@@ -13,6 +13,13 @@ forms the full `W + A·B` table or kernel every step). In both LoRA variants
 only the adapters train. The script prints median step times, paired
 ratios and the trainable / optimizer-state bytes, and can write JSON.
 
+Memory of the step itself: each (workload, variant) also trains a few steps
+in a fresh process of its own (peak RSS only grows, so variants cannot
+share one), which reports its RSS after building, after training and its
+peak (VmHWM), and on a GPU the backend's peak device bytes. Full sizes
+measure it by default (`--no-memory` skips it); `--quick` only with
+`--memory`.
+
     python -m benchmarks.embedding_conv            # full sizes
     python -m benchmarks.embedding_conv --quick    # tiny smoke run
 
@@ -23,6 +30,8 @@ the script works.
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 
 import keras
@@ -57,11 +66,13 @@ class Sizes:
     rank: int = 8
     warmup: int = 3
     repeats: int = 20
+    # Training steps of each fresh memory process.
+    memory_steps: int = 5
 
 
 QUICK = Sizes(vocab=64, dim=16, tokens_batch=4, sequence=8, image=8,
               channels=3, filters=(4, 8), images_batch=2, rank=2, warmup=1,
-              repeats=2)
+              repeats=2, memory_steps=2)
 
 
 def embedding_model(sizes):
@@ -139,6 +150,89 @@ def measure(workload, sizes):
     }
 
 
+# Memory: one fresh process per (workload, variant) -----------------------
+
+
+def measure_memory_here(workload, variant, sizes):
+    """Trains one variant `sizes.memory_steps` steps in this process.
+
+    Returns:
+        MiB figures: RSS after building and after training, the training
+        growth, the process peak (VmHWM), and the backend's peak device
+        bytes as `device_peak_mib` where a GPU is in use (else `None`).
+    """
+    x, y = batch(workload, sizes)
+    model = build(workload, variant, sizes)
+    built = _status_mib("VmRSS")
+    for _ in range(sizes.memory_steps):
+        model.train_on_batch(x, y)
+    trained = _status_mib("VmRSS")
+    return {
+        "rss_after_build_mib": round(built, 1),
+        "rss_after_training_mib": round(trained, 1),
+        "training_growth_mib": round(trained - built, 1),
+        "peak_rss_mib": round(_status_mib("VmHWM"), 1),
+        "device_peak_mib": _device_peak_mib(),
+    }
+
+
+def measure_memory(workload, sizes_flag, log=print):
+    """`{variant: figures}` of `workload`, each variant in a fresh process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    figures = {}
+    for variant in VARIANTS:
+        command = [sys.executable, "-m", "benchmarks.embedding_conv",
+                   "--memory-child", workload, variant] + sizes_flag
+        done = subprocess.run(command, capture_output=True, text=True,
+                              env=env, cwd=root)
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-3:]
+            figures[variant] = {"error": " | ".join(tail)}
+        else:
+            figures[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        log(f"  memory {workload} {variant}: {figures[variant]}")
+    return figures
+
+
+def _status_mib(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in MiB."""
+    with open("/proc/self/status") as file:
+        for line in file:
+            name, _, value = line.partition(":")
+            if name == field:
+                return int(value.split()[0]) / 1024.0
+    raise KeyError(field)
+
+
+def _device_peak_mib():
+    """The backend's peak device memory in MiB on a GPU, else `None`."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "gpu":
+            return None
+        peak = (device.memory_stats() or {}).get("peak_bytes_in_use")
+    elif backend == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        peak = torch.cuda.max_memory_allocated()
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.config.list_physical_devices("GPU"):
+            return None
+        peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
+    else:
+        return None
+    return None if peak is None else round(peak / 2**20, 1)
+
+
 def table(rows):
     """The rows as a small text table."""
     lines = [f"backend: {keras.backend.backend()}",
@@ -155,7 +249,17 @@ def table(rows):
             )
         lines.append("  ratios: " + ", ".join(
             f"{k}={v:.2f}" for k, v in row["ratios"].items()))
+        for variant, figures in row.get("peak_memory", {}).items():
+            lines.append(f"  memory {variant}: " + (
+                figures["error"] if "error" in figures else
+                f"peak RSS {figures['peak_rss_mib']:.0f} MiB, training "
+                f"growth {figures['training_growth_mib']:.0f} MiB, device "
+                f"peak {_mib(figures['device_peak_mib'])}"))
     return "\n".join(lines)
+
+
+def _mib(value):
+    return "n/a (no GPU)" if value is None else f"{value:.0f} MiB"
 
 
 def main(argv=None):
@@ -165,9 +269,24 @@ def main(argv=None):
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS),
                         default=sorted(WORKLOADS))
     parser.add_argument("--json", help="also write the rows to this file")
+    memory = parser.add_mutually_exclusive_group()
+    memory.add_argument("--memory", action="store_true", default=None,
+                        help="measure peak memory (default in full runs)")
+    memory.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--memory-child", nargs=2,
+                        metavar=("WORKLOAD", "VARIANT"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
+    if args.memory_child:
+        workload, variant = args.memory_child
+        print(json.dumps(measure_memory_here(workload, variant, sizes)))
+        return [variant]
     rows = [measure(workload, sizes) for workload in args.workloads]
+    if args.memory if args.memory is not None else not args.quick:
+        for row in rows:
+            row["peak_memory"] = measure_memory(
+                row["workload"], ["--quick"] if args.quick else [])
     print(table(rows))
     if args.json:
         with open(args.json, "w") as file:

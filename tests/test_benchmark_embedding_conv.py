@@ -32,3 +32,16 @@ def test_lora_variants_train_the_same_fewer_parameters_than_full(rows):
     for row in rows["rows"]:
         params = {k: v["trainable_params"] for k, v in row["memory"].items()}
         assert 0 < params["keras_lora"] == params["keras_enable_lora"] < params["full"]
+
+
+def test_full_sizes_are_the_issues_32k_by_512_table():
+    sizes = embedding_conv.Sizes()
+    assert (sizes.vocab, sizes.dim) == (32000, 512)
+    assert sizes.memory_steps > 0
+
+
+def test_one_memory_process_reports_its_peak_and_growth():
+    figures = embedding_conv.measure_memory_here(
+        "embedding", embedding_conv.KERAS_LORA, embedding_conv.QUICK)
+    assert figures["peak_rss_mib"] >= figures["rss_after_training_mib"] > 0
+    assert "device_peak_mib" in figures
