@@ -58,6 +58,14 @@ def targets_section(results):
                 check["met"]]
             rows.append([result["backend"], check["label"], mode,
                          _fmt(check["value"], 3), _fmt(check["limit"]), met])
+    for check in report_minilm.checks(results):
+        mode = "jit" if check["jit_compile"] else "no jit"
+        met = {True: "met", False: "**missed**", None: "not measured"}[
+            check["met"]]
+        rows.append([check["backend"],
+                     f"MiniLM {check['targets']}: keras-lora / full ≤ PEFT / "
+                     "transformers full (torch, eager)", mode,
+                     _fmt(check["value"], 3), _fmt(check["limit"]), met])
     lines += _table(["backend", "target", "mode", "ratio", "limit", ""], rows)
     return lines + [""]
 
