@@ -592,3 +592,30 @@ def test_untied_reverse_pair_follows_the_reverse_table_layout():
     layout_map_2["table/reverse_embeddings"] = ("batch", "model")
     keras_lora.extend_layout_map(layout_map_2, model)
     assert layout_map_2["table/reverse_lora_a"].axes == (None, "batch")
+
+
+def test_untied_keras_file_and_delete_adapter_keep_the_reverse_pairs(tmp_path):
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), untied()])
+    keras_lora.apply_lora(model, rank=2, targets="table")
+    keras_lora.add_adapter(model, "second", rank=3, targets="table")
+    keras_lora.set_adapter(model, ["default", "second"])
+    randomize(model, seed=6)
+    layer = keras_lora.lora_layers(model)["table"]
+    x = hidden()
+    logits = to_np(layer(x, reverse=True))
+    path = str(tmp_path / "untied.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path).layers[0]
+    np.testing.assert_allclose(to_np(loaded(x, reverse=True)), logits,
+                               rtol=1e-6, atol=1e-6)
+    keras_lora.delete_adapter(model, "second")
+    layer = keras_lora.lora_layers(model)["table"]
+    np.testing.assert_allclose(to_np(layer(x, reverse=True)),
+                               x @ updated_reverse(layer), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batches_refuse_an_untied_embedding_by_name():
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), untied()])
+    keras_lora.apply_lora(model, rank=2, targets="table")
+    with pytest.raises(ValueError, match="layer 'table' is a LoRAReversibleEmbedding"):
+        keras_lora.mixed_batch_model(model, ["default"])
