@@ -306,7 +306,27 @@ def memory_section(results):
          "ru_maxrss (MiB)"],
         rows,
     )
-    return lines + [""]
+    return lines + [""] + _peak_summary(results)
+
+
+def _peak_summary(results):
+    """Peak RSS per variant as a multiple of the full fine-tune's peak."""
+    header, rows = None, []
+    for result in results:
+        rss = result["sections"].get("memory", {}).get("peak_rss", {})
+        peaks = {v: f.get("peak_rss_mib")
+                 for v, f in rss.get("variants", {}).items()}
+        if not peaks.get(variants.FULL):
+            continue
+        header = header or [v for v in peaks if v != variants.FULL]
+        rows.append([result["backend"], _fmt(peaks[variants.FULL], 0)] + [
+            _fmt(peaks[v] / peaks[variants.FULL]) if peaks.get(v) else "–"
+            for v in header])
+    if not rows:
+        return []
+    labels = [_VARIANT_LABELS.get(v, v) + " / full" for v in header]
+    return ["Peak RSS as a multiple of the full fine-tune's:", ""] + _table(
+        ["backend", "full peak (MiB)", *labels], rows) + [""]
 
 
 def lifecycle_section(results):
