@@ -25,35 +25,56 @@ def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
 
 
-def peft_reference():
-    """PEFT's DoRA Linear: outputs, and one SGD step's new A, B, magnitude."""
+def peft_step(weight, bias, lora_a, lora_b, x, y, magnitude=None):
+    """PEFT's DoRA on one `nn.Linear` (`weight` is `(out, in)`): outputs,
+    its initial magnitude, and the MSE loss's gradients of A, B
+    (`lora_b` is `(rank, out)`, PEFT's weight transposed) and magnitude."""
     torch.manual_seed(0)
 
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = torch.nn.Linear(D_IN, D_OUT)
+            self.lin = torch.nn.Linear(weight.shape[1], weight.shape[0],
+                                       bias=bias is not None)
 
         def forward(self, x):
             return self.lin(x)
 
     net = Net()
-    net.lin.weight.data = torch.tensor(W.T)
-    net.lin.bias.data = torch.tensor(BIAS)
+    net.lin.weight.data = torch.tensor(weight)
+    if bias is not None:
+        net.lin.bias.data = torch.tensor(bias)
     model = get_peft_model(net, LoraConfig(
-        r=RANK, lora_alpha=ALPHA, target_modules=["lin"], use_dora=True))
+        r=lora_a.shape[0], lora_alpha=ALPHA, target_modules=["lin"], use_dora=True))
     lin = model.base_model.model.lin
-    lin.lora_A["default"].weight.data = torch.tensor(A)
-    lin.lora_B["default"].weight.data = torch.tensor(B.T)
-    magnitude = lin.lora_magnitude_vector["default"].weight
-    initial_magnitude = magnitude.detach().numpy().copy()
-    outputs = model(torch.tensor(X))
-    loss = ((outputs - torch.tensor(Y)) ** 2).mean()
+    lin.lora_A["default"].weight.data = torch.tensor(lora_a)
+    lin.lora_B["default"].weight.data = torch.tensor(lora_b.T.copy())
+    magnitude_vector = lin.lora_magnitude_vector["default"].weight
+    initial_magnitude = magnitude_vector.detach().numpy().copy()
+    if magnitude is not None:
+        magnitude_vector.data = torch.tensor(magnitude)
+    outputs = model(torch.tensor(x))
+    loss = ((outputs - torch.tensor(y)) ** 2).mean()
     loss.backward()
     grads = (lin.lora_A["default"].weight.grad.numpy(),
              lin.lora_B["default"].weight.grad.numpy().T,
-             magnitude.grad.numpy())
+             magnitude_vector.grad.numpy())
     return outputs.detach().numpy(), initial_magnitude, grads
+
+
+def peft_reference():
+    """PEFT's DoRA Linear on the Dense test weights."""
+    return peft_step(W.T, BIAS, A, B, X, Y)
+
+
+def sgd_step_deltas(model, adapter, x, y):
+    """`old − new` of A, B and magnitude after one SGD(1.0) MSE step: the
+    gradients."""
+    variables = (adapter.lora_a, adapter.lora_b, adapter.lora_magnitude)
+    model.compile(keras.optimizers.SGD(1.0), "mse")
+    before = [to_numpy(v).copy() for v in variables]
+    model.train_on_batch(x, y)
+    return [old - to_numpy(v) for old, v in zip(before, variables)]
 
 
 def keras_dora():
@@ -106,14 +127,60 @@ def test_one_gradient_step_equals_peft():
     model, layer = keras_dora()
     adapter = layer.adapters["default"]
     adapter.lora_magnitude.assign(peft_magnitude)
-    model.compile(keras.optimizers.SGD(1.0), "mse")
-    before = [to_numpy(v).copy() for v in (adapter.lora_a, adapter.lora_b,
-                                           adapter.lora_magnitude)]
-    model.train_on_batch(X, Y)
-    after = [to_numpy(v) for v in (adapter.lora_a, adapter.lora_b,
-                                   adapter.lora_magnitude)]
-    for new, old, grad in zip(after, before, (grad_a, grad_b, grad_m)):
-        np.testing.assert_allclose(old - new, grad, rtol=1e-4, atol=1e-5)
+    deltas = sgd_step_deltas(model, adapter, X, Y)
+    for delta, grad in zip(deltas, (grad_a, grad_b, grad_m)):
+        np.testing.assert_allclose(delta, grad, rtol=1e-4, atol=1e-5)
+
+
+# Gemma's query projection: the contracted axis `d` sits in the middle of
+# the kernel `(n, d, h)`; PEFT's `nn.Linear` weight is `(n·h, d)`.
+HEADS, HEAD_DIM, SEQ = 2, 3, 3
+
+
+def keras_query(bias_axes):
+    inputs = keras.Input((SEQ, D_IN))
+    query = layers.EinsumDense("btd,ndh->btnh", (SEQ, HEADS, HEAD_DIM),
+                               bias_axes=bias_axes, name="query")
+    model = keras.Model(inputs, query(inputs))
+    rng = np.random.default_rng(1)
+    query.kernel.assign(rng.normal(size=query.kernel.shape).astype("float32"))
+    if bias_axes:
+        query.bias.assign(rng.normal(size=query.bias.shape).astype("float32"))
+    keras_lora.apply_lora(model, rank=RANK, alpha=ALPHA, use_dora=True)
+    layer = keras_lora.lora_layers(model)["query"]
+    layer.lora_a.assign(rng.normal(size=layer.lora_a.shape).astype("float32"))
+    layer.lora_b.assign(rng.normal(size=layer.lora_b.shape).astype("float32"))
+    return model, query, layer.adapters["default"]
+
+
+@pytest.mark.parametrize("bias_axes", [None, "h"])
+def test_query_einsum_forward_and_gradient_step_equal_peft(bias_axes):
+    model, query, adapter = keras_query(bias_axes)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, SEQ, D_IN)).astype("float32")
+    y = rng.normal(size=(2, SEQ, HEADS, HEAD_DIM)).astype("float32")
+    width = HEADS * HEAD_DIM
+    kernel = to_numpy(query.kernel)  # (n, d, h) -> Linear weight (n·h, d)
+    weight = np.transpose(kernel, (0, 2, 1)).reshape(width, D_IN)
+    bias = None
+    if bias_axes:
+        bias = np.broadcast_to(to_numpy(query.bias), (HEADS, HEAD_DIM)).reshape(-1)
+    lora_b = to_numpy(adapter.lora_b)
+    expected, peft_magnitude, (grad_a, grad_b, grad_m) = peft_step(
+        weight, bias, to_numpy(adapter.lora_a), lora_b.reshape(RANK, width),
+        x, y.reshape(2, SEQ, width),
+        magnitude=to_numpy(adapter.lora_magnitude).reshape(-1),
+    )
+    # Both start the magnitude at ‖W‖ (B = 0 at creation).
+    np.testing.assert_allclose(to_numpy(adapter.lora_magnitude).reshape(-1),
+                               peft_magnitude, rtol=1e-5)
+    np.testing.assert_allclose(to_numpy(model(x)).reshape(expected.shape),
+                               expected, rtol=1e-5, atol=1e-5)
+    delta_a, delta_b, delta_m = sgd_step_deltas(model, adapter, x, y)
+    np.testing.assert_allclose(delta_a, grad_a, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(delta_b.reshape(RANK, width), grad_b,
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(delta_m.reshape(-1), grad_m, rtol=1e-4, atol=1e-5)
 
 
 def test_call_never_forms_the_full_kernel_update(monkeypatch):

@@ -594,9 +594,6 @@ class LoRALayer(keras.layers.Layer):
         """
         x = self._lora_input(inputs, training, adapter.dropout)
         base_x = base if x is inputs else self._base_preactivation(x)
-        bias = self.bias
-        if bias is not None:
-            base_x = ops.subtract(base_x, ops.cast(bias, base_x.dtype))
         return dora.add_dora_output(self, outputs, base_x, x, adapter)
 
     def _lora_input(self, inputs, training, dropout):

@@ -20,7 +20,7 @@ product and `A·Aᵀ` an `r × r` one.
 import numpy as np
 from keras import ops
 
-from keras_lora.layers import kernels
+from keras_lora.layers import dora_kernels
 
 
 def contracted_axes_of_a(layer):
@@ -48,7 +48,7 @@ def kernel_norm_squared(layer, lora_a=None, lora_b=None, scaling=0.0):
 def weight_norm(layer, adapter, lora_a, lora_b):
     """`‖W + s·AᵀB‖` per output unit (free shape, float32), detached."""
     contracted, _ = layer._kernel_axes(layer.base_layer)
-    return kernels.dora_weight_norm(
+    return dora_kernels.dora_weight_norm(
         ops.cast(ops.convert_to_tensor(layer.kernel), "float32"),
         ops.convert_to_tensor(adapter.kernel_norm_sq),
         ops.cast(lora_a, "float32"), ops.cast(lora_b, "float32"),
@@ -56,29 +56,27 @@ def weight_norm(layer, adapter, lora_a, lora_b):
     )
 
 
-def add_dora_output(layer, outputs, base_x, x, adapter):
-    """`outputs` plus one DoRA adapter's term (see the module docstring).
+def add_dora_output(layer, outputs, base, x, adapter):
+    """`outputs` plus one DoRA adapter's term (see the module docstring),
+    as one fused call (`dora_kernels.add_dora_update`).
 
     Args:
         layer: the LoRA layer.
-        outputs: what the layer has computed so far.
-        base_x: `x·W` (no bias) for the LoRA input `x`.
+        outputs: what the layer has computed so far (may be `base`).
+        base: `x·W + bias`, the base pre-activation of the LoRA input `x`.
         x: the (dropped-out) LoRA input.
         adapter: the DoRA `Adapter`.
     """
-    lora_a = ops.convert_to_tensor(adapter.lora_a)
-    lora_b = ops.convert_to_tensor(adapter.lora_b)
-    factor = ops.divide(
+    contracted, _ = layer._kernel_axes(layer.base_layer)
+    bias = layer.bias
+    return dora_kernels.add_dora_update(
+        outputs, base, None if bias is None else ops.convert_to_tensor(bias), x,
+        ops.convert_to_tensor(layer.kernel),
+        ops.convert_to_tensor(adapter.kernel_norm_sq),
+        ops.convert_to_tensor(adapter.lora_a),
+        ops.convert_to_tensor(adapter.lora_b),
         ops.convert_to_tensor(adapter.lora_magnitude),
-        weight_norm(layer, adapter, lora_a, lora_b),
-    )
-    dtype = x.dtype
-    outputs = ops.add(
-        outputs, ops.multiply(ops.cast(ops.subtract(factor, 1.0), dtype), base_x)
-    )
-    return layer._add_lora_output(
-        outputs, x, ops.cast(lora_a, dtype),
-        ops.cast(ops.multiply(lora_b, factor), dtype), adapter.scaling,
+        adapter.scaling, tuple(contracted_axes_of_a(layer)), tuple(contracted),
     )
 
 

@@ -2,8 +2,9 @@
 
 Used by `LoRADense` and by `LoRAEinsumDense` where its equation is a matmul
 on reshaped operands. Four measured choices live here (see
-`benchmarks/FINDINGS.md`, sections 1 and 1b), and nothing else in
-keras-lora depends on the backend for speed:
+`benchmarks/FINDINGS.md`, sections 1 and 1b), and, with DoRA's fused term
+in `dora_kernels.py`, nothing else in keras-lora depends on the backend
+for speed:
 
 - `A` is stored rank-first (PEFT's layout), so autodiff computes `dA` as
   the wide `(r, N)·(N, d_in)` product. Stored `(d_in, r)`, `dA` is the tall
@@ -56,10 +57,11 @@ def add_low_rank_update(outputs, inputs, lora_a, lora_b, scaling):
         return _torch_update(outputs, inputs, lora_a, lora_b, scaling)
     if _BACKEND == "jax":
         return _jax_update(outputs, inputs, lora_a, lora_b, scaling)
-    return _update(outputs, inputs, lora_a, lora_b, scaling)
+    return update_on_views(outputs, inputs, lora_a, lora_b, scaling)
 
 
-def _update(outputs, inputs, lora_a, lora_b, scaling):
+def update_on_views(outputs, inputs, lora_a, lora_b, scaling):
+    """`add_low_rank_update` in `keras.ops` (traceable inside `jax.jit`)."""
     rank = lora_a.shape[0]
     lora_a = _as_matrix(lora_a, rank)
     lora_b = _as_matrix(lora_b, rank)
@@ -83,7 +85,7 @@ def _as_rows(x, width):
 
 
 if _BACKEND == "jax":
-    _jax_update = jax.jit(_update, static_argnums=(4,))
+    _jax_update = jax.jit(update_on_views, static_argnums=(4,))
 
 
 def _torch_update(outputs, inputs, lora_a, lora_b, scaling):
@@ -96,47 +98,3 @@ def _torch_update(outputs, inputs, lora_a, lora_b, scaling):
     updated = torch.addmm(flat_outputs, low_rank, lora_b, alpha=scaling)
     return updated.reshape(outputs.shape)
 
-
-def dora_weight_norm(kernel, kernel_norm_sq, lora_a, lora_b, scaling, a_axes,
-                     kernel_axes):
-    """DoRA's `‖W + s·AᵀB‖` per output unit from small products (detached).
-
-    `‖W_j‖²` (`kernel_norm_sq`) is a constant of the frozen kernel;
-    `A·W` is a `rank × d_out` product and `A·Aᵀ` a `rank × rank` one (see
-    `keras_lora/layers/dora.py`). On JAX it is one `jax.jit` function, so
-    eager steps do not pay a dispatch per small op.
-
-    Args:
-        kernel: the base kernel, float32.
-        kernel_norm_sq: `‖W_j‖²`, free-axes shaped, float32.
-        lora_a: `(rank, *contracted)`, float32.
-        lora_b: `(rank, *free)`, float32.
-        scaling: a Python float.
-        a_axes: the contracted axes of `lora_a` (a tuple).
-        kernel_axes: the kernel's contracted axes, in the same order.
-
-    Returns:
-        The norm, free-axes shaped, float32, with no gradient.
-    """
-    if _BACKEND == "jax":
-        return _jax_dora_norm(kernel, kernel_norm_sq, lora_a, lora_b,
-                              float(scaling), tuple(a_axes), tuple(kernel_axes))
-    return _dora_norm(kernel, kernel_norm_sq, lora_a, lora_b, float(scaling),
-                      tuple(a_axes), tuple(kernel_axes))
-
-
-def _dora_norm(kernel, kernel_norm_sq, lora_a, lora_b, scaling, a_axes,
-               kernel_axes):
-    a_w = ops.tensordot(lora_a, kernel, axes=(list(a_axes), list(kernel_axes)))
-    gram = ops.tensordot(lora_a, lora_a, axes=(list(a_axes), list(a_axes)))
-    g_b = ops.tensordot(gram, lora_b, axes=([1], [0]))
-    squared = (
-        kernel_norm_sq
-        + (2.0 * scaling) * ops.sum(ops.multiply(a_w, lora_b), axis=0)
-        + (scaling * scaling) * ops.sum(ops.multiply(g_b, lora_b), axis=0)
-    )
-    return ops.stop_gradient(ops.sqrt(ops.maximum(squared, 1e-12)))
-
-
-if _BACKEND == "jax":
-    _jax_dora_norm = jax.jit(_dora_norm, static_argnums=(4, 5, 6))
