@@ -5,6 +5,8 @@ Usage:
     python benchmarks/run.py                  # full run, every backend
     python benchmarks/run.py --quick          # seconds-long smoke run
     python benchmarks/run.py --backend torch  # one backend
+    python benchmarks/run.py --sections minilm --output bench_output/m.md
+                                              # one section, its own page
 
 Each backend runs in one subprocess (`KERAS_BACKEND` set) that interleaves
 the variants it compares; this script gathers their JSON, renders the
