@@ -6,7 +6,7 @@ BACKENDS := jax tensorflow torch
 # torch 2.13.0 is the CPU wheel on the machine's disk; anything else pulls gigabytes.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install test test-jax test-tensorflow test-torch demo demo-hub bench clean
+.PHONY: install test test-serial test-jax test-tensorflow test-torch demo demo-hub bench clean
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_PIN)" -e ".[all,test]"
 	touch $@
 
+# The three backends' suites run at once (each is mostly single-threaded
+# Python, so on 2 cores this takes ~2/3 of running them one after another);
+# each log is printed whole when its run ends. `make test-serial` runs them
+# one after another.
 test: install
+	@logs=$$(mktemp -d); status=0; \
+	for b in $(BACKENDS); do \
+	  ( KERAS_BACKEND=$$b $(PY) -m pytest -q -p no:cacheprovider --durations=15 tests \
+	      > $$logs/$$b.log 2>&1; echo $$? > $$logs/$$b.rc ) & \
+	done; wait; \
+	for b in $(BACKENDS); do \
+	  echo "=== KERAS_BACKEND=$$b ==="; cat $$logs/$$b.log; \
+	  [ "$$(cat $$logs/$$b.rc)" = 0 ] || { echo "=== $$b FAILED ==="; status=1; }; \
+	done; rm -rf $$logs; exit $$status
+
+test-serial: install
 	@status=0; for b in $(BACKENDS); do \
 	  echo "=== KERAS_BACKEND=$$b ==="; \
 	  KERAS_BACKEND=$$b $(PY) -m pytest -q -p no:cacheprovider tests || status=1; \
