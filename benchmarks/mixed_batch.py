@@ -13,9 +13,11 @@ of the same batch:
   batch each (what a per-adapter split costs without any switch; a lower
   bound of PEFT-style sub-batching).
 
-Then the cost of switching: `set_adapter(model, next)` followed by the next
-`predict_on_batch`, against a `predict_on_batch` without a switch, and
-whether the switch made the model trace its predict function again.
+Then the cost of switching, once every adapter has run: `set_adapter(model,
+next)` followed by the next `predict_on_batch`, against a
+`predict_on_batch` without a switch, whether a switch made the model trace
+its predict function again (it should not: traced functions are kept per
+adapter state), and the first switch to each adapter, which traces.
 
     python -m benchmarks.mixed_batch            # full sizes
     python -m benchmarks.mixed_batch --quick    # tiny smoke run
@@ -118,35 +120,52 @@ def measure(sizes, examples, log):
     log(
         "  " + " ".join(f"{k}={v:.1f}ms" for k, v in row["median_ms"].items())
         + " | " + " ".join(f"{k}={v:.3f}" for k, v in row["ratios"].items())
-        + f" | switch={row['switching']['switch_and_predict_ms']:.1f}ms"
-        + f" (retraced={row['switching']['retraced']})"
+        + f" | switch+predict={row['switching']['switch_and_predict_ms']:.1f}ms"
+        + f" vs predict={row['switching']['predict_ms']:.1f}ms"
+        + f" (x{row['switching']['ratio']:.2f}, retraced="
+        + f"{row['switching']['retraced']}; first switch "
+        + f"{row['switching']['first_switch_ms']:.1f}ms)"
     )
     return row
 
 
 def switching(model, x, sizes):
-    """`set_adapter` + next predict vs a predict, and whether it retraced."""
+    """`set_adapter` + the next predict vs a predict, and whether it retraced.
+
+    Every adapter first runs once (`first_switch_ms`: a switch to an adapter
+    never run, which traces its predict function). The timed switches go
+    round the adapters again: each restores the function traced for its
+    adapter (`keras_lora/traced_cache.py`); `retraced` says whether any
+    switch made a new one instead.
+    """
     import keras_lora
 
+    def switch_and_predict(name):
+        keras_lora.set_adapter(model, name)
+        return model.predict_on_batch(x)
+
+    kept, first = {}, []
     model.predict_on_batch(x)
+    kept[keras_lora.active_adapters(model)[0]] = model.predict_function
+    for name in ADAPTERS:
+        if name in kept:
+            continue
+        _, seconds = timing.time_once(lambda: switch_and_predict(name))
+        first.append(seconds)
+        kept[name] = model.predict_function
     plain, switched, retraced = [], [], False
     for round_index in range(2 * sizes.repeats + 1):
         _, seconds = timing.time_once(lambda: model.predict_on_batch(x))
         plain.append(seconds)
-        name = ADAPTERS[(round_index + 1) % len(ADAPTERS)]
-        function = model.predict_function
-
-        def switch_and_predict():
-            keras_lora.set_adapter(model, name)
-            return model.predict_on_batch(x)
-
-        _, seconds = timing.time_once(switch_and_predict)
+        name = ADAPTERS[round_index % len(ADAPTERS)]
+        _, seconds = timing.time_once(lambda: switch_and_predict(name))
         switched.append(seconds)
-        retraced = retraced or model.predict_function is not function
+        retraced = retraced or model.predict_function is not kept[name]
     return {
         "predict_ms": timing.median_ms(plain),
         "switch_and_predict_ms": timing.median_ms(switched),
         "ratio": timing.paired_ratio(switched, plain),
+        "first_switch_ms": timing.median_ms(first),
         "retraced": bool(retraced),
     }
 

@@ -34,8 +34,12 @@ def list_adapters(model):
     >>> list_adapters(model)
     ['default', 'task_b']
     """
+    return _names_in(surgery.lora_layers(model))
+
+
+def _names_in(layers):
     names = []
-    for layer in surgery.lora_layers(model).values():
+    for layer in layers.values():
         for spec in layer.adapter_specs:
             if spec.name not in names:
                 names.append(spec.name)
@@ -95,17 +99,19 @@ def set_adapter(model, adapter_name):
     """
     names = _as_names(adapter_name, "set_adapter")
     layers = _lora_layers(model, "set_adapter")
-    _check_known(model, names, "set_adapter")
+    _check_known(model, names, "set_adapter", known=_names_in(layers))
     merged = [path for path, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(
             f"set_adapter: layer '{merged[0]}' has its adapters merged; call "
             "`unmerge_adapters(model)` first. Nothing was changed."
         )
+    # The state is computed before and after the switch, not per layer;
+    # compiling inside clears nothing the switch would keep.
     with traced_cache.deferred(model):
         for layer in layers.values():
             layer.set_active_adapters(names)
-    surgery.recompile(model)
+        surgery.compile_like(model, model)
     return model
 
 
@@ -343,8 +349,8 @@ def _lora_layers(model, who):
     return layers
 
 
-def _check_known(model, names, who):
-    known = list_adapters(model)
+def _check_known(model, names, who, known=None):
+    known = list_adapters(model) if known is None else known
     for name in names:
         validate_adapter_name(name, f"{who}: ")
         if name not in known:

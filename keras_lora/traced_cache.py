@@ -304,12 +304,13 @@ def _state(model, cache):
             tuple(adapters[n].scaling for n in active if n in adapters),
             bool(layer.adapter_enabled), bool(layer.merged),
         ))
-    trainable = {id(v) for v in model.trainable_variables}
     sampler = getattr(model, "sampler", None)
     distribution = keras.distribution.distribution()
     key = (
         fingerprint,
-        tuple(id(v) in trainable for v in weights),
+        # `trainable_variables`, without a second walk: Keras sets a
+        # layer's `trainable` on its variables.
+        bool(model.trainable), tuple(bool(v.trainable) for v in weights),
         tuple(per_layer),
         getattr(model, "jit_compile", None),
         getattr(model, "run_eagerly", None),
