@@ -31,13 +31,14 @@ Keras's attribute tracking, never saved): in a module-level weak
 dictionary, the cached functions, which refer to their model, would keep
 every model alive.
 
-Which state a live function was traced in: `checkpoint(model)` (called
-before a change, by `set_adapter` and `disable_adapters` /
-`enable_adapters` / `unmerge_adapters`) computes it on the spot; a reset
-from elsewhere (a layer's `set_active_adapters` / `disable_adapter`, after
-its change) files the live functions under the state recorded by the last
-reset, and only if the model was not compiled by hand since (a user may
-have changed `trainable` flags, then compiled). An explicit
+Which state a live function was traced in: the state recorded by the
+last reset (`follow`). Before a change, `checkpoint(model)` (called by
+`set_adapter` and `disable_adapters` / `enable_adapters` /
+`unmerge_adapters`) checks that the model is still in it; a reset from
+elsewhere (a layer's `set_active_adapters` / `disable_adapter`, after its
+change) files the live functions under it only if the model was not
+compiled by hand since (a user may have changed `trainable` flags, then
+compiled). Where in doubt, nothing is kept. An explicit
 `keras_lora.hub.reset_compiled_functions(model)` in an unchanged state
 drops the model's cache: something outside the state above changed, and
 every trace must be made again.
@@ -133,8 +134,10 @@ def follow(model, explicit=False):
 def checkpoint(model):
     """Files the model's live traced functions under its current state.
 
-    Called before a change: the state is computed now, so the functions
-    are filed right even if it changed by hand since the last `follow`.
+    Called before a change. The state is computed now; if it is not the
+    one recorded by the last `follow` (something changed without a reset,
+    such as `layer.merge()` by hand), the live functions may be stale and
+    are not kept.
 
     Args:
         model: a Keras model.
@@ -144,7 +147,13 @@ def checkpoint(model):
     cache = _cache_of(model)
     if cache.deferred:
         return
-    cache.key, cache.referents = _state(model, cache)
+    key, referents = _state(model, cache)
+    if key != cache.key:
+        cache.key, cache.referents = None, ()
+        return
+    # Same state (compile settings and trainable flags included): a
+    # compile by hand since then does not matter.
+    cache.referents = referents
     cache.compile_token = _compile_token(model)
     _stash(model, cache)
 
