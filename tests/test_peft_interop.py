@@ -196,6 +196,24 @@ def test_adapter_of_hf_base_model_loads_into_backbone(checkpoints, tmp_path):
     assert len(keras_lora.lora_layers(backbone)) == 2
 
 
+def test_peft_adapter_loads_beside_another_only_under_a_new_name(
+    checkpoints, llama_peft_dir
+):
+    backbone = keras_hub.models.Backbone.from_preset(checkpoints["llama"])
+    keras_lora.load_adapter(backbone, str(llama_peft_dir))
+    with pytest.raises(ValueError, match="already has adapters \\['default'\\]"):
+        keras_lora.load_adapter(backbone, str(llama_peft_dir))
+
+    keras_lora.load_adapter(backbone, str(llama_peft_dir), adapter_name="second")
+
+    assert keras_lora.list_adapters(backbone) == ["default", "second"]
+    layer = next(iter(keras_lora.lora_layers(backbone).values()))
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(layer.adapters["second"].lora_a),
+        keras.ops.convert_to_numpy(layer.adapters["default"].lora_a),
+    )
+
+
 @pytest.fixture(scope="module")
 def llama_peft_dir(checkpoints, tmp_path_factory):
     directory = tmp_path_factory.mktemp("llama_peft")
