@@ -18,7 +18,8 @@ step on an MLP. Here it is one fused call per backend:
   GEMM). When nothing else was added to the base output yet (the usual
   case), `outputs + (f−1)⊙(base − bias)` is `f⊙base − (f−1)⊙bias`: one
   `(N, d_out)` op with the bias term a broadcast vector.
-- TensorFlow: `keras.ops` (Grappler fuses the small ops).
+- TensorFlow: the same `keras.ops` code as JAX, not jitted (its eager
+  steps measured within 1.1× LoRA without fusing).
 """
 
 import keras
@@ -191,8 +192,7 @@ def _torch_update(outputs, base, bias, inputs, kernel, kernel_norm_sq, lora_a,
         if bias is None:
             combined = flat_base * factor
         else:
-            shift = (1.0 - factor) * bias
-            combined = torch.addcmul(shift, flat_base, factor)
+            combined = torch.addcmul((1.0 - factor) * bias, flat_base, factor)
     else:
         combined = torch.addcmul(outputs.reshape(-1, width), flat_base, factor - 1.0)
         if bias is not None:
