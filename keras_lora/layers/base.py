@@ -41,7 +41,8 @@ class LoRALayer(keras.layers.Layer):
     is stored rank-first, `(rank,) + contracted axes` (PEFT's
     `lora_A.weight` layout); `lora_b` is `(rank,) + free axes`. The first
     adapter's variables read `.../<layer>/lora_a`; any other adapter's
-    `.../<layer>/<adapter name>/lora_a`. `layer.lora_a`, `layer.rank` and the
+    `.../<adapter name>/<layer>/lora_a` (Keras opens the layer's own name
+    scope innermost). `layer.lora_a`, `layer.rank` and the
     other single-adapter attributes mean the adapter named `"default"` (or
     the first one).
 
@@ -419,8 +420,8 @@ class LoRALayer(keras.layers.Layer):
     def _create_adapter(self, spec, first):
         contracted, free = self._kernel_split(self.base_layer)
         # Create the adapters beside the base kernel so their paths read
-        # ".../<layer>/lora_a" (".../<layer>/<name>/lora_a" for any other
-        # adapter) and a LayoutMap sees where they belong.
+        # ".../<layer>/lora_a" (".../<name>/<layer>/lora_a" for any other
+        # adapter: `add_weight` opens the layer's scope innermost) and a LayoutMap sees where they belong.
         kernel_path = self.kernel.path
         parts = kernel_path.split("/")[:-2]
         scope = (
