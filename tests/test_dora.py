@@ -266,3 +266,23 @@ def test_dora_is_refused_where_it_does_not_fit():
     assert not keras_lora.lora_layers(model)
     with pytest.raises(TypeError, match="use_dora"):
         keras_lora.apply_lora(model, rank=2, use_dora="yes")
+
+
+def test_mixed_precision_dora_starts_as_the_base_and_trains():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        inputs = keras.Input((D_IN,))
+        dense = layers.Dense(D_OUT, name="lin")
+        model = keras.Model(inputs, dense(inputs))
+        dense.kernel.assign(W)
+        base = to_numpy(keras.ops.cast(model(X), "float32"))
+        keras_lora.apply_lora(model, rank=RANK, use_dora=True, dropout=0.1)
+        outputs = model(X)
+        assert keras.backend.standardize_dtype(outputs.dtype) == "bfloat16"
+        np.testing.assert_allclose(to_numpy(keras.ops.cast(outputs, "float32")),
+                                   base, rtol=2e-2, atol=2e-2)
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        loss = model.train_on_batch(X, Y)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert np.isfinite(loss)

@@ -134,6 +134,10 @@ def _norm(kernel, kernel_norm_sq, lora_a, lora_b, scaling, a_axes,
 def _update(outputs, base, bias, inputs, kernel, kernel_norm_sq, lora_a,
             lora_b, magnitude, scaling, a_axes, kernel_axes):
     dtype = inputs.dtype
+    # Float32 whatever a mixed-precision layer's autocast made of them.
+    kernel_norm_sq, lora_a, lora_b, magnitude = (
+        ops.cast(v, "float32") for v in (kernel_norm_sq, lora_a, lora_b, magnitude)
+    )
     factor = ops.divide(
         magnitude,
         _norm(kernel, kernel_norm_sq, lora_a, lora_b, scaling, a_axes,
@@ -175,6 +179,9 @@ def _torch_update(outputs, base, bias, inputs, kernel, kernel_norm_sq, lora_a,
                   lora_b, magnitude, scaling, a_axes, kernel_axes):
     rank = lora_a.shape[0]
     dtype = inputs.dtype
+    kernel_norm_sq, lora_a, lora_b, magnitude = (
+        v.float() for v in (kernel_norm_sq, lora_a, lora_b, magnitude)
+    )
     with torch.no_grad():
         norm = _torch_norm(kernel, kernel_norm_sq, lora_a, lora_b, scaling,
                            a_axes, kernel_axes).reshape(-1)
