@@ -460,11 +460,14 @@ class LoRALayer(keras.layers.Layer):
                     name="lora_magnitude", shape=tuple(free),
                     initializer=_Constant(initial), dtype="float32",
                     trainable=True,
+                    # Read in float32 under a mixed policy too: the DoRA
+                    # kernels compute the norm and factor in float32.
+                    autocast=False,
                 )
                 norm_sq = self.add_weight(
                     name="lora_kernel_norm_sq", shape=tuple(free),
                     initializer=_Constant(squared), dtype="float32",
-                    trainable=False,
+                    trainable=False, autocast=False,
                 )
             extra_factors = self._create_extra_factors(spec)
         self._adapters.add(
