@@ -16,20 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_PIN)" -e ".[all,test]"
 	touch $@
 
-# The three backends' suites run at once (each is mostly single-threaded
-# Python, so on 2 cores this takes ~2/3 of running them one after another);
-# each log is printed whole when its run ends. `make test-serial` runs them
-# one after another.
+# The backends' suites run side by side (tools/run_suites.py: each is
+# mostly single-threaded Python, and JAX's, the longest, runs as two
+# processes); `make test-serial` runs them one after another.
 test: install
-	@logs=$$(mktemp -d); status=0; \
-	for b in $(BACKENDS); do \
-	  ( KERAS_BACKEND=$$b $(PY) -m pytest -q -p no:cacheprovider --durations=15 tests \
-	      > $$logs/$$b.log 2>&1; echo $$? > $$logs/$$b.rc ) & \
-	done; wait; \
-	for b in $(BACKENDS); do \
-	  echo "=== KERAS_BACKEND=$$b ==="; cat $$logs/$$b.log; \
-	  [ "$$(cat $$logs/$$b.rc)" = 0 ] || { echo "=== $$b FAILED ==="; status=1; }; \
-	done; rm -rf $$logs; exit $$status
+	$(PY) tools/run_suites.py --backends $(BACKENDS)
 
 test-serial: install
 	@status=0; for b in $(BACKENDS); do \
