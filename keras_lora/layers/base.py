@@ -680,9 +680,14 @@ class LoRALayer(keras.layers.Layer):
     def merged_weights(self):
         """`[(variable, merged value)]` of every base weight a merge changes.
 
-        The kernel and `merged_kernel()` (checked as it does); a layer type
-        with `extra_factor_kernels` adds those kernels.
+        The kernel and `merged_kernel()` (checked as it does); on an int8 /
+        int4 base, its quantized variables holding `W_deq + s·A·B`
+        quantized again with the base's mode and config (see
+        `keras_lora/layers/quantized.py`); a layer type with
+        `extra_factor_kernels` adds those kernels.
         """
+        if quantized.mode_of(self.base_layer) is not None:
+            return quantized.merged_weights(self)
         return [(self.kernel, self.merged_kernel())]
 
     def _finite_delta(self):

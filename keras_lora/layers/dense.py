@@ -104,16 +104,5 @@ class LoRADense(LoRALayer):
             outputs, inputs, lora_a, lora_b, scaling
         )
 
-    def merged_weights(self):
-        """`[(variable, merged value)]` of every base weight a merge changes.
-
-        The kernel and `merged_kernel()`; on an int8 / int4 base, its
-        quantized variables holding `W_deq + s·A·B` quantized again with
-        the base's mode and config (see `keras_lora/layers/quantized.py`).
-        """
-        if self.base_layer.quantization_mode is not None:
-            return quantized.merged_weights(self)
-        return super().merged_weights()
-
     def _delta_kernel(self, lora_a, lora_b):
         return ops.matmul(ops.transpose(lora_a), lora_b)
