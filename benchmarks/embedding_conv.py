@@ -38,6 +38,7 @@ import keras
 import numpy as np
 
 from benchmarks import timing
+from benchmarks.memory import status_mib
 from benchmarks.names import FULL
 from benchmarks.names import KERAS_ENABLE_LORA
 from benchmarks.names import KERAS_LORA
@@ -163,15 +164,15 @@ def measure_memory_here(workload, variant, sizes):
     """
     x, y = batch(workload, sizes)
     model = build(workload, variant, sizes)
-    built = _status_mib("VmRSS")
+    built = status_mib("VmRSS")
     for _ in range(sizes.memory_steps):
         model.train_on_batch(x, y)
-    trained = _status_mib("VmRSS")
+    trained = status_mib("VmRSS")
     return {
         "rss_after_build_mib": round(built, 1),
         "rss_after_training_mib": round(trained, 1),
         "training_growth_mib": round(trained - built, 1),
-        "peak_rss_mib": round(_status_mib("VmHWM"), 1),
+        "peak_rss_mib": round(status_mib("VmHWM"), 1),
         "device_peak_mib": _device_peak_mib(),
     }
 
@@ -194,16 +195,6 @@ def measure_memory(workload, sizes_flag, log=print):
             figures[variant] = json.loads(done.stdout.strip().splitlines()[-1])
         log(f"  memory {workload} {variant}: {figures[variant]}")
     return figures
-
-
-def _status_mib(field):
-    """A memory field of /proc/self/status (VmRSS, VmHWM), in MiB."""
-    with open("/proc/self/status") as file:
-        for line in file:
-            name, _, value = line.partition(":")
-            if name == field:
-                return int(value.split()[0]) / 1024.0
-    raise KeyError(field)
 
 
 def _device_peak_mib():

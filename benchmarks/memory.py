@@ -112,7 +112,7 @@ def _child_env(env):
     return env
 
 
-def _status_mib(field):
+def status_mib(field):
     """A memory field of /proc/self/status (VmRSS, VmHWM), in MiB."""
     with open("/proc/self/status") as file:
         for line in file:
@@ -158,15 +158,15 @@ def _measure_one(variant, quick):
     threads.limit_torch()
     sizes = sizes_module.sizes_for(quick)
     model, x, y = build_variant(variant, quick)
-    rss_built = _status_mib("VmRSS")
+    rss_built = status_mib("VmRSS")
     for _ in range(sizes.memory_steps):
         model.train_on_batch(x, y)
-    rss_trained = _status_mib("VmRSS")
+    rss_trained = status_mib("VmRSS")
     figures = {
         "rss_after_build_mib": rss_built,
         "rss_after_training_mib": rss_trained,
         "training_growth_mib": rss_trained - rss_built,
-        "peak_rss_mib": _status_mib("VmHWM"),
+        "peak_rss_mib": status_mib("VmHWM"),
         # Linux reports ru_maxrss in KiB.
         "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         / 1024.0,

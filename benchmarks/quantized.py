@@ -137,7 +137,7 @@ def _measure_rss(variant, quick):
         model.train_on_batch(x, y)
     print(json.dumps({
         "workload": workload,
-        "peak_rss_mib": round(memory._status_mib("VmHWM"), 1),
+        "peak_rss_mib": round(memory.status_mib("VmHWM"), 1),
         "ru_maxrss_mib": round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
     }))
