@@ -33,6 +33,8 @@ import keras
 from keras import ops
 from keras.src.quantizers.quantizers import dequantize_with_sz_map
 
+from keras_lora.layers import quantized_kernels
+
 SUPPORTED_MODES = ("int8", "int4")
 
 _UNSUPPORTED_REASONS = {
@@ -174,11 +176,76 @@ def preactivation(layer, inputs):
         What Keras's `_int8_call` / `_int4_call` computes before the
         activation, in the layer's compute dtype.
     """
+    if _has_fast_int8_path(layer):
+        return _int8_preactivation(layer, inputs)
     activation = getattr(layer, "activation", None)
     if activation is None or activation is keras.activations.linear:
         return layer.quantized_call(inputs)
     with _without_activation(layer):
         return layer.quantized_call(inputs)
+
+
+def _has_fast_int8_path(layer):
+    """Whether `_int8_preactivation` computes this layer's int8 forward with
+    a faster exact contraction than Keras's (see `quantized_kernels`)."""
+    return (
+        mode_of(layer) == "int8"
+        and getattr(layer, "inputs_quantizer", None) is not None
+        and not getattr(layer, "lora_enabled", False)
+        and quantized_kernels.fast_path_available()
+    )
+
+
+def _int8_preactivation(layer, inputs):
+    """Keras's `_int8_call` before the activation, op for op, except that
+    the int8 x int8 contraction is `quantized_kernels`' exact one.
+
+    The outputs are bit-for-bit Keras's: the same input quantizer, the same
+    int32 values (cast to the compute dtype), the same de-scaling and bias.
+    The input gradient is Keras's custom gradient, unchanged: the upstream
+    gradient contracted with the dequantized kernel `q / scale`; the frozen
+    int8 kernel and its scale get none.
+    """
+    einsum = isinstance(layer, keras.layers.EinsumDense)
+    dtype = layer.compute_dtype
+
+    @ops.custom_gradient
+    def forward(inputs, kernel, kernel_scale):
+        def grad_fn(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            if einsum:
+                float_kernel = ops.divide(
+                    ops.cast(kernel, dtype=dtype),
+                    layer._adjust_scale_for_dequant(kernel_scale),
+                )
+                inputs_grad = ops.einsum(
+                    layer._custom_gradient_equation, upstream, float_kernel
+                )
+            else:
+                float_kernel = ops.divide(ops.cast(kernel, dtype=dtype), kernel_scale)
+                inputs_grad = ops.matmul(upstream, ops.transpose(float_kernel))
+            return (inputs_grad, None, None)
+
+        if einsum:
+            quantized, inputs_scale = layer.inputs_quantizer(
+                inputs, axis=layer.quantization_axis
+            )
+            inputs_scale = layer._adjust_scale_for_quant(inputs_scale, "input")
+            x = quantized_kernels.int8_einsum(layer.equation, quantized, kernel, dtype)
+            return ops.divide(x, ops.multiply(inputs_scale, kernel_scale)), grad_fn
+        quantized, inputs_scale = layer.inputs_quantizer(inputs, axis=-1)
+        x = quantized_kernels.int8_matmul(quantized, kernel, dtype)
+        return ops.divide(x, ops.multiply(kernel_scale, inputs_scale)), grad_fn
+
+    x = forward(
+        inputs,
+        ops.convert_to_tensor(layer._kernel),
+        ops.convert_to_tensor(layer.kernel_scale),
+    )
+    if layer.bias is not None:
+        x = ops.add(x, layer.bias)
+    return x
 
 
 def dequantized_kernel(layer):
