@@ -98,6 +98,76 @@ def test_fresh_adapter_computes_exactly_what_the_quantized_model_computes(mode):
     np.testing.assert_array_equal(predict(model), expected)
 
 
+def _int8_values_and_input_gradient(layer, x, fast):
+    from keras_lora.layers import quantized
+    from keras_lora.layers import quantized_kernels
+
+    quantized_kernels.ENABLED = fast
+    try:
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            x = tf.constant(x)
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = quantized.preactivation(layer, x)
+                loss = tf.reduce_sum(y * y)
+            grad = tape.gradient(loss, x)
+        elif keras.backend.backend() == "torch":
+            import torch
+
+            x = torch.tensor(x, requires_grad=True)
+            y = quantized.preactivation(layer, x)
+            (y * y).sum().backward()
+            grad = x.grad
+        else:
+            import jax
+
+            def loss(x):
+                y = quantized.preactivation(layer, x)
+                return (y * y).sum(), y
+
+            grad, y = jax.grad(loss, has_aux=True)(x)
+        return keras.ops.convert_to_numpy(y), keras.ops.convert_to_numpy(grad)
+    finally:
+        quantized_kernels.ENABLED = True
+
+
+@pytest.mark.parametrize(
+    "equation, input_shape, output_shape",
+    [
+        (None, (5, 3, 1100), 24),  # Dense, 1100 > 1024 terms: chunked
+        (None, (6, 16), 8),
+        ("btd,ndh->btnh", (2, 3, 16), (3, 2, 4)),
+        ("btnh,nhd->btd", (2, 3, 2, 4), (3, 5)),
+    ],
+)
+def test_int8_fast_path_is_bit_for_bit_keras_int8_call(
+        equation, input_shape, output_shape):
+    # keras-lora's faster int8 x int8 contraction (torch / TF on CPU; JAX
+    # and GPUs use Keras's op) gives Keras's outputs and input gradients.
+    keras.utils.set_random_seed(0)
+    if equation is None:
+        layer = keras.layers.Dense(output_shape, activation="relu")
+    else:
+        layer = keras.layers.EinsumDense(equation, output_shape, bias_axes="d"
+                                         if equation.endswith("btd") else "nh")
+    layer.build((None,) + input_shape[1:])
+    layer.quantize("int8")
+    layer.bias.assign(np.random.default_rng(2).normal(
+        size=layer.bias.shape).astype("float32"))
+    x = 3 * np.random.default_rng(1).normal(size=input_shape).astype("float32")
+    keras_y, keras_grad = _int8_values_and_input_gradient(layer, x, fast=False)
+    fast_y, fast_grad = _int8_values_and_input_gradient(layer, x, fast=True)
+    np.testing.assert_array_equal(fast_y, keras_y)
+    np.testing.assert_array_equal(fast_grad, keras_grad)
+    # Keras's own forward, activation excluded, is what both compute.
+    activation, layer.activation = layer.activation, None
+    np.testing.assert_array_equal(
+        fast_y, keras.ops.convert_to_numpy(layer(x)))
+    layer.activation = activation
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_adapters_are_float32_with_the_logical_kernel_shapes(mode):
     model = keras_lora.apply_lora(quantized_model(mode), rank=2)
