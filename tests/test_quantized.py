@@ -430,3 +430,36 @@ def test_a_tiny_int8_gemma_causal_lm_trains_and_generates():
     assert keras.backend.standardize_dtype(query.kernel.dtype) == "int8"
     generated = lm.generate(prompt, stop_token_ids=None)["token_ids"]
     assert generated.shape == (2, 8)
+
+
+# Mixed batches ---------------------------------------------------------
+
+
+def test_mixed_batch_model_on_an_int8_base_routes_each_example():
+    # Each example computed with its own adapter (or the base, -1) equals
+    # the single-adapter int8 LoRA model's output for it.
+    model = adapted("int8")
+    keras_lora.add_adapter(model, "task_b", rank=3)
+    rng = np.random.default_rng(1)
+    lora_bs = [v for v in model.weights if "lora_b" in v.path]
+    assert len(lora_bs) == 6  # two adapters on each of the three layers
+    for variable in lora_bs:
+        variable.assign((0.3 * rng.normal(size=variable.shape)).astype("float32"))
+    hub.reset_compiled_functions(model)
+    index = np.array([1, -1, 0, 1], "int32")
+    names = ["default", "task_b"]
+    mixed = keras_lora.mixed_batch_model(model, names)
+    got = keras.ops.convert_to_numpy(mixed([X, index]))
+    rows = []
+    for i, k in enumerate(index):
+        if k < 0:
+            with keras_lora.disable_adapters(model):
+                rows.append(predict(model, X[i:i + 1]))
+        else:
+            keras_lora.set_adapter(model, names[k])
+            rows.append(predict(model, X[i:i + 1]))
+    np.testing.assert_allclose(got, np.concatenate(rows), atol=1e-5)
+    with keras_lora.disable_adapters(model):
+        base = predict(model)
+    for i in (0, 2, 3):  # the adapted examples are not the base's
+        assert not np.allclose(got[i], base[i], atol=1e-3)

@@ -10,7 +10,9 @@ only, is 5x faster than float32 on a VNNI CPU). The functions here compute
 the same int32 values faster where a backend allows it:
 
 - torch on CPU, matmul: `torch._int_mm` (int8 x int8 -> int32);
-- TensorFlow on a CPU-only machine, and torch einsum: a float32
+- TensorFlow on a CPU-only machine outside XLA (`jit_compile=False`; XLA's
+  own int8 dot is faster than float32 there, and is kept), and torch
+  einsum: a float32
   contraction of the int8 values, which is exact (every product is at most
   128·128 = 2**14 in magnitude, so any partial sum over at most 1024 terms
   stays within 2**24, where float32 holds every integer); a matmul
@@ -45,6 +47,15 @@ def _tf_cpu_only():
     return _TF_CPU_ONLY
 
 
+def _tf_in_xla():
+    # Under XLA (`jit_compile=True`) Keras's int8 dot is the faster one.
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util
+
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph())
+
+
 def _torch_cpu():
     from keras.src.backend.torch.core import get_device
 
@@ -63,7 +74,7 @@ def _path():
     backend = keras.backend.backend()
     if backend == "torch" and _torch_cpu():
         return "int_mm"
-    if backend == "tensorflow" and _tf_cpu_only():
+    if backend == "tensorflow" and _tf_cpu_only() and not _tf_in_xla():
         return "float"
     return None
 
