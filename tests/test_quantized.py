@@ -432,6 +432,40 @@ def test_a_tiny_int8_gemma_causal_lm_trains_and_generates():
     assert generated.shape == (2, 8)
 
 
+
+def test_a_tiny_int8_llama3_causal_lm_trains_and_generates():
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.Llama3Backbone(
+        vocabulary_size=64, num_layers=1, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=16, intermediate_dim=32,
+    )
+    lm = keras_hub.models.Llama3CausalLM(backbone, preprocessor=None)
+    # The embedding (and its reverse, the logits) stays float, as for Gemma.
+    lm.quantize("int8", filters=lambda layer: not isinstance(
+        layer, keras.layers.Embedding))
+    token_ids = np.zeros((2, 8), "int32")
+    token_ids[0, :3] = [1, 2, 3]
+    token_ids[1, :2] = [4, 5]
+    prompt = {"token_ids": token_ids, "padding_mask": token_ids != 0}
+    x = {"token_ids": np.tile(np.arange(8, dtype="int32"), (4, 1)),
+         "padding_mask": np.ones((4, 8), bool)}
+    y = np.tile(np.arange(1, 9, dtype="int32"), (4, 1))
+    before = keras.ops.convert_to_numpy(lm(x))
+    keras_lora.apply_lora(lm, rank=4)
+    assert type(lm).__name__ == "Llama3CausalLM"
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(lm(x)), before)
+    adapted_layers = keras_lora.lora_layers(lm).values()
+    assert adapted_layers and all(
+        layer.base_layer.quantization_mode == "int8" for layer in adapted_layers)
+    lm.compile(optimizer=keras.optimizers.Adam(0.02),
+               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    losses = lm.fit(x, y, epochs=3, verbose=0).history["loss"]
+    assert losses[-1] < losses[0]
+    generated = lm.generate(prompt, stop_token_ids=None)["token_ids"]
+    assert generated.shape == (2, 8)
+
 # Mixed batches ---------------------------------------------------------
 
 
