@@ -18,6 +18,13 @@ runs a step; torch: eager):
   gradient) and its input-gradient matmul.
 
 Medians of interleaved repeats, ms. Prints JSON.
+
+    ... profile_quantized.py --steps [--jit]
+
+instead times whole `train_on_batch` steps of `benchmarks/quantized.py`'s
+full MLP and BERT, float-base LoRA vs int8-base LoRA with Keras's own int8
+contraction (`quantized_kernels.ENABLED = False`, "before") and with
+keras-lora's ("after"), interleaved, and prints the paired ratios.
 """
 
 import json
@@ -93,5 +100,45 @@ def main():
     print(json.dumps(result, indent=2))
 
 
+def steps(jit):
+    from benchmarks import quantized as bench
+    from benchmarks import sizes as sizes_module
+    from benchmarks import threads
+    from benchmarks import timing
+    from benchmarks import training
+    from benchmarks import workloads
+    from keras_lora.layers import quantized_kernels
+
+    threads.limit_from_environment()
+    sizes = sizes_module.sizes_for(False)
+    out = {}
+    for workload in (workloads.MLP, workloads.TRANSFORMER):
+        x, y = training.batch_for(workload, sizes)
+
+        def make(base, fast):
+            model = training.compiled(bench.build(workload, sizes, base), jit)
+            step = training.train_step_fn(model, x, y)
+
+            def run():
+                quantized_kernels.ENABLED = fast
+                return step()
+
+            return run
+
+        fns = {"float32": make("float32", True),
+               "int8_before": make("int8", False),
+               "int8_after": make("int8", True)}
+        t = timing.interleave(fns, sizes.warmup + 1, sizes.repeats)
+        out[workload] = {
+            "median_ms": {k: timing.median_ms(v) for k, v in t.items()},
+            "before int8/float32": timing.paired_ratio(t["int8_before"], t["float32"]),
+            "after int8/float32": timing.paired_ratio(t["int8_after"], t["float32"]),
+        }
+    print(json.dumps(out, indent=2))
+
+
 if __name__ == "__main__":
-    main()
+    if "--steps" in sys.argv:
+        steps("--jit" in sys.argv)
+    else:
+        main()
