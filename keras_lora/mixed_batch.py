@@ -19,7 +19,6 @@ import keras
 from keras import ops
 
 from keras_lora import multi
-from keras_lora.layers import dora
 from keras_lora.layers import batch_routing
 from keras_lora.layers.dense import LoRADense
 from keras_lora.layers.einsum_dense import LoRAEinsumDense
@@ -241,9 +240,9 @@ def stacked_adapters(layer, adapter_names, reference=None):
             layer._in_compute_dtype(adapter.lora_b, reference),
             ops.cast(adapter.scaling, lora_a.dtype),
         )
-        if adapter.use_dora:  # the per-unit factor folds into B
-            lora_b = ops.multiply(lora_b, ops.cast(_dora_factor(layer, adapter),
-                                                   lora_b.dtype))
+        factor = adapter.variant.routed_factor(layer, adapter)
+        if factor is not None:  # a per-unit factor (DoRA's) folds into B
+            lora_b = ops.multiply(lora_b, ops.cast(factor, lora_b.dtype))
         a_slots.append(_padded(lora_a, rank))
         b_slots.append(_padded(lora_b, rank))
     dtype = keras.backend.standardize_dtype(
@@ -256,30 +255,24 @@ def stacked_adapters(layer, adapter_names, reference=None):
     return _stacked(a_slots), _stacked(b_slots)
 
 
-def _dora_factor(layer, adapter):
-    lora_a = ops.convert_to_tensor(adapter.lora_a)
-    lora_b = ops.convert_to_tensor(adapter.lora_b)
-    return ops.divide(ops.convert_to_tensor(adapter.lora_magnitude),
-                      dora.weight_norm(layer, adapter, lora_a, lora_b))
-
-
 def dora_factors(layer, adapter_names, reference=None):
     """DoRA's per-unit factors `m/‖W + s·AᵀB‖` stacked by slot (1 for plain
     LoRA adapters, missing adapters and the base slot), or `None` when no
     adapter of `layer` in `adapter_names` uses DoRA."""
     present = [layer.adapters[n] for n in layer._present(adapter_names)]
-    if not any(adapter.use_dora for adapter in present):
+    factors = {
+        adapter.name: adapter.variant.routed_factor(layer, adapter)
+        for adapter in present
+    }
+    if all(factor is None for factor in factors.values()):
         return None
     _, free = layer._kernel_split(layer.base_layer)
     dtype = layer._in_compute_dtype(layer.kernel, reference).dtype
     ones = ops.ones(tuple(free), dtype)
     slots = []
     for name in adapter_names:
-        adapter = layer.adapters.get(name)
-        if adapter is None or not adapter.use_dora:
-            slots.append(ones)
-        else:
-            slots.append(ops.cast(_dora_factor(layer, adapter), dtype))
+        factor = factors.get(name)
+        slots.append(ones if factor is None else ops.cast(factor, dtype))
     return _stacked(slots + [ones])
 
 

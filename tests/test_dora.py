@@ -286,3 +286,37 @@ def test_mixed_precision_dora_starts_as_the_base_and_trains():
     finally:
         keras.config.set_dtype_policy("float32")
     assert np.isfinite(loss)
+
+
+def test_variants_are_strategies_and_merge_unmerge_together():
+    """Each adapter's variant computes its term; DoRA and plain LoRA merge
+    into one kernel and unmerge back to the base kernel together."""
+    from keras_lora.layers import variants
+
+    model, layer = keras_dora()
+    keras_lora.add_adapter(model, "plain", rank=2)
+    layer = keras_lora.lora_layers(model)["lin"]
+    plain = layer.adapters["plain"]
+    plain.lora_b.assign(RNG.normal(size=plain.lora_b.shape).astype("float32"))
+    assert layer.adapters["default"].variant is variants.DORA
+    assert plain.variant is variants.LORA
+    keras_lora.set_adapter(model, ["default", "plain"])
+    expected = to_numpy(model(X))
+    layer.merge()
+    np.testing.assert_allclose(to_numpy(model(X)), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    np.testing.assert_allclose(to_numpy(layer.kernel), W, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(model(X)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerging_a_dora_merge_of_unknown_factors_is_refused():
+    _, layer = keras_dora()
+    config = layer.get_config()
+    config["merged"] = True
+    merged = type(layer).from_config(config)
+    merged.build((None, D_IN))
+    before = to_numpy(merged.kernel).copy()
+    with pytest.raises(ValueError, match="DoRA adapter 'default' was merged"):
+        merged.unmerge()
+    np.testing.assert_array_equal(to_numpy(merged.kernel), before)
+    assert merged.merged

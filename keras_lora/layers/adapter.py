@@ -83,6 +83,13 @@ class AdapterSpec:
     def scaling(self):
         return lora_config.scaling_for(self.rank, self.alpha, self.use_rslora)
 
+    @property
+    def variant(self):
+        """The strategy applying this adapter (`keras_lora.layers.variants`)."""
+        from keras_lora.layers import variants
+
+        return variants.of_spec(self)
+
     def get_config(self):
         """A JSON-able dict that `from_config` turns back into this spec."""
         return {
@@ -141,6 +148,7 @@ class Adapter:
     dropout = property(lambda self: self.spec.dropout)
     scaling = property(lambda self: self.spec.scaling)
     use_dora = property(lambda self: self.spec.use_dora)
+    variant = property(lambda self: self.spec.variant)
     init = property(lambda self: self.spec.init)
 
     @property

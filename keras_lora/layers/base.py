@@ -1,23 +1,25 @@
 """What every LoRA layer shares: adapters, scaling, dropout, merge, config."""
 
 import math
-import weakref
-
 import keras
-import numpy as np
 from keras import initializers
 from keras import ops
 
 from keras_lora import config as lora_config
 from keras_lora.distribution import adapter_layout_scope
 from keras_lora.layers import batch_routing
-from keras_lora.layers import dora
 from keras_lora.layers import quantized
 from keras_lora.layers.adapter import DEFAULT_ADAPTER
 from keras_lora.layers.adapter import Adapter
 from keras_lora.layers.adapter import AdapterSet
 from keras_lora.layers.adapter import AdapterSpec
 from keras_lora.layers.adapter import validate_adapter_name
+from keras_lora.layers.layer_args import base_from_arguments  # noqa: F401 (re-exported)
+from keras_lora.layers.owners import _reset_owner_functions
+from keras_lora.layers.owners import register_owner  # noqa: F401 (re-exported)
+from keras_lora.layers.initializers import NullScope
+from keras_lora.layers.initializers import RankFirst
+from keras_lora.layers.initializers import is_float
 
 
 class LoRALayer(keras.layers.Layer):
@@ -110,8 +112,8 @@ class LoRALayer(keras.layers.Layer):
                 specs.append(config)
             else:
                 specs.append(AdapterSpec.validated(**config, where=where))
-        if any(spec.use_dora for spec in specs):
-            self._check_dora(base_layer, where)
+        for variant in {spec.variant for spec in specs}:
+            variant.check(type(self), base_layer, where)
         quantized.check_specs(base_layer, specs, merged, where)
         names = [spec.name for spec in specs]
         duplicate = sorted({n for n in names if names.count(n) > 1})
@@ -427,9 +429,9 @@ class LoRALayer(keras.layers.Layer):
         scope = (
             keras.name_scope(parts[-1], override_parent="/".join(parts[:-1]))
             if parts
-            else _NullScope()
+            else NullScope()
         )
-        inner = _NullScope() if first else keras.name_scope(spec.name)
+        inner = NullScope() if first else keras.name_scope(spec.name)
         # Under a keras.distribution, A and B take layouts derived from the
         # kernel's, whatever a LayoutMap written for the base would say.
         layouts = adapter_layout_scope(
@@ -439,7 +441,7 @@ class LoRALayer(keras.layers.Layer):
             lora_a = self.add_weight(
                 name="lora_a",
                 shape=(spec.rank,) + tuple(contracted),
-                initializer=_RankFirst(spec.lora_a_initializer),
+                initializer=RankFirst(spec.lora_a_initializer),
                 dtype="float32",
                 trainable=True,
             )
@@ -450,29 +452,13 @@ class LoRALayer(keras.layers.Layer):
                 dtype="float32",
                 trainable=True,
             )
-            magnitude = norm_sq = None
-            if spec.use_dora:
-                squared = dora.kernel_norm_squared(self)
-                initial = np.sqrt(dora.kernel_norm_squared(
-                    self, lora_a.value, lora_b.value, spec.scaling
-                ))
-                magnitude = self.add_weight(
-                    name="lora_magnitude", shape=tuple(free),
-                    initializer=_Constant(initial), dtype="float32",
-                    trainable=True,
-                    # Read in float32 under a mixed policy too: the DoRA
-                    # kernels compute the norm and factor in float32.
-                    autocast=False,
-                )
-                norm_sq = self.add_weight(
-                    name="lora_kernel_norm_sq", shape=tuple(free),
-                    initializer=_Constant(squared), dtype="float32",
-                    trainable=False, autocast=False,
-                )
+            variables = spec.variant.create_variables(
+                self, spec, lora_a, lora_b
+            )
             extra_factors = self._create_extra_factors(spec)
-        self._adapters.add(
-            Adapter(spec, lora_a, lora_b, magnitude, norm_sq, extra_factors)
-        )
+        self._adapters.add(Adapter(
+            spec, lora_a, lora_b, extra_factors=extra_factors, **variables
+        ))
 
     def _create_extra_factors(self, spec):
         """The pairs of `extra_factor_kernels`, in the adapter's name scope."""
@@ -482,7 +468,7 @@ class LoRALayer(keras.layers.Layer):
         ):
             shapes = self.extra_factor_shapes(self.base_layer, spec.rank)
             names = (prefix + "lora_a", prefix + "lora_b")
-            initial = (_RankFirst(spec.lora_a_initializer), spec.lora_b_initializer)
+            initial = (RankFirst(spec.lora_a_initializer), spec.lora_b_initializer)
             with adapter_layout_scope(kernel, contracted, free, names=names):
                 for name, initializer in zip(names, initial):
                     factors[name] = self.add_weight(
@@ -499,7 +485,7 @@ class LoRALayer(keras.layers.Layer):
             for variable, initializer in (
                 (adapter.lora_a, adapter.spec.lora_a_initializer),
                 (adapter.lora_b, adapter.spec.lora_b_initializer),
-            ) + ((adapter.lora_magnitude, "‖W + s·A·B‖"),) * adapter.use_dora:
+            ) + tuple(adapter.variant.initial_variables(adapter)):
                 if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(variable)))):
                     raise ValueError(
                         f"{type(self).__name__} for layer '{self.name}': the "
@@ -541,64 +527,50 @@ class LoRALayer(keras.layers.Layer):
         return getattr(self.base_layer, "bias", None)
 
     def call(self, inputs, training=None):
-        outputs = self._base_preactivation(inputs)
+        base = self._base_preactivation(inputs)
         router = batch_routing.current()
         if router is not None and self.adapter_enabled and not self.merged:
             # A mixed batch: each example takes its own adapter.
-            outputs = router.apply(self, outputs, inputs, training)
+            outputs = router.apply(self, base, inputs, training)
         else:
-            base = outputs
-            for x, lora_a, lora_b, scaling in self._lora_terms(inputs, training):
-                outputs = self._add_lora_output(outputs, x, lora_a, lora_b, scaling)
-            for adapter in self._active_dora_adapters():
-                outputs = self._add_dora_term(outputs, base, inputs, training, adapter)
+            # Each active adapter's variant adds its own term (see
+            # `keras_lora/layers/variants.py`).
+            outputs = base
+            for adapter in self._applied_adapters():
+                outputs = adapter.variant.add_output(
+                    self, outputs, base, inputs, training, adapter
+                )
         activation = getattr(self.base_layer, "activation", None)
         if activation is not None:
             outputs = activation(outputs)
         return outputs
 
-    def _lora_terms(self, inputs, training):
-        """`(lora input, A, B, scaling)` for each update to add in `call`.
-
-        One per active adapter this layer has; nothing while adapters are
-        disabled or merged. `A` and `B` are in the compute dtype of
-        `inputs`. Layer types whose input the update does not take as is
-        (an `Embedding`'s token ids) override `_lora_input`.
-        """
+    def _applied_adapters(self):
+        """The adapters `call` applies: the active ones this layer has
+        (none while adapters are disabled or merged)."""
         if not self.adapter_enabled or self.merged:
             return []
-        terms = []
-        for name in self._present(self.active_adapters):
-            adapter = self._adapters[name]
-            if adapter.use_dora:
-                continue  # see `_add_dora_term`
-            x = self._lora_input(inputs, training, adapter.dropout)
-            reference = x if _is_float(x) else None
-            terms.append((
-                x,
-                self._in_compute_dtype(adapter.lora_a, reference),
-                self._in_compute_dtype(adapter.lora_b, reference),
-                adapter.scaling,
-            ))
-        return terms
+        return [self._adapters[n] for n in self._present(self.active_adapters)]
 
-    def _active_dora_adapters(self):
-        if not self.adapter_enabled or self.merged:
-            return []
-        return [
-            self._adapters[name] for name in self._present(self.active_adapters)
-            if self._adapters[name].use_dora
-        ]
-
-    def _add_dora_term(self, outputs, base, inputs, training, adapter):
-        """Adds one DoRA adapter's term; `base` is the base output `x·W + b`.
-
-        With dropout active the base product is taken again on the
-        dropped-out input, as PEFT does.
-        """
+    def _factors_for(self, inputs, training, adapter):
+        """`(lora input, A, B)` of one adapter: the (dropped-out) input, and
+        `A`, `B` in its compute dtype."""
         x = self._lora_input(inputs, training, adapter.dropout)
-        base_x = base if x is inputs else self._base_preactivation(x)
-        return dora.add_dora_output(self, outputs, base_x, x, adapter)
+        reference = x if is_float(x) else None
+        return (
+            x,
+            self._in_compute_dtype(adapter.lora_a, reference),
+            self._in_compute_dtype(adapter.lora_b, reference),
+        )
+
+    def _lora_terms(self, inputs, training):
+        """`(lora input, A, B, scaling)` of each applied adapter, for layer
+        types that apply plain LoRA updates themselves (a tied embedding's
+        reverse projection)."""
+        return [
+            self._factors_for(inputs, training, adapter) + (adapter.scaling,)
+            for adapter in self._applied_adapters()
+        ]
 
     def _lora_input(self, inputs, training, dropout):
         """The LoRA path's input: `inputs` with dropout while training."""
@@ -636,17 +608,7 @@ class LoRALayer(keras.layers.Layer):
         delta = None
         for name in names:
             adapter = self._adapters[name]
-            if adapter.use_dora:
-                term = dora.merged_kernel_delta(self, adapter)
-                delta = term if delta is None else ops.add(delta, term)
-                continue
-            term = ops.multiply(
-                self._delta_kernel(
-                    ops.convert_to_tensor(adapter.lora_a.value),
-                    ops.convert_to_tensor(adapter.lora_b.value),
-                ),
-                adapter.scaling,
-            )
+            term = adapter.variant.kernel_delta(self, adapter)
             delta = term if delta is None else ops.add(delta, term)
         if delta is None:
             return ops.zeros(self.kernel_shape(self.base_layer), "float32")
@@ -718,10 +680,12 @@ class LoRALayer(keras.layers.Layer):
                 "`enable_adapter()` first."
             )
         names = self._present(self.active_adapters)
-        # DoRA rescales W itself: keep its per-unit factors to undo it.
-        self._merged_dora_factors = {
-            name: ops.convert_to_numpy(dora.merge_factor(self, self._adapters[name]))
-            for name in names if self._adapters[name].use_dora
+        # What each variant needs to undo its merge (DoRA: its factors).
+        self._merge_records = {
+            name: self._adapters[name].variant.merge_record(
+                self, self._adapters[name]
+            )
+            for name in names
         }
         self.kernel.assign(self.merged_kernel())
         self._merged_names = names
@@ -733,17 +697,20 @@ class LoRALayer(keras.layers.Layer):
             return
         kernel = self.kernel
         value = ops.convert_to_tensor(kernel.value)
-        factors = getattr(self, "_merged_dora_factors", None) or {}
-        if factors:
-            restored = dora.unmerged_kernel(self, self._merged_names, factors)
-        else:
-            restored = ops.subtract(
-                ops.cast(value, "float32"), self.delta_kernel(self._merged_names)
-            )
+        # The merged kernel is `W·(1 + Σc) + Σu` over the merged adapters.
+        records = getattr(self, "_merge_records", None) or {}
+        rest, scale = ops.cast(value, "float32"), None
+        for name in self._merged_names:
+            adapter = self._adapters[name]
+            c, u = adapter.variant.unmerge_parts(self, adapter, records.get(name))
+            rest = ops.subtract(rest, u)
+            if c is not None:
+                scale = ops.add(1.0, c) if scale is None else ops.add(scale, c)
+        restored = rest if scale is None else ops.divide(rest, scale)
         kernel.assign(ops.cast(restored, value.dtype))
         self.merged = False
         self._merged_names = ()
-        self._merged_dora_factors = {}
+        self._merge_records = {}
 
     def enable_adapter(self):
         """Turns the low-rank path on (the default); see `disable_adapter`."""
@@ -801,110 +768,3 @@ class LoRALayer(keras.layers.Layer):
             config["base_layer"]
         )
         return cls(**config)
-
-
-# The models each LoRA layer was adapted in (weakly held): switching one
-# layer's adapter must reset their traced functions.
-_OWNER_MODELS = weakref.WeakKeyDictionary()
-
-
-def register_owner(layer, model):
-    """Records that `layer` sits in `model` (see `disable_adapter`)."""
-    _OWNER_MODELS.setdefault(layer, weakref.WeakSet()).add(model)
-
-
-def _reset_owner_functions(layer):
-    from keras_lora.hub import reset_compiled_functions
-
-    for model in list(_OWNER_MODELS.get(layer, ())):
-        reset_compiled_functions(model)
-
-
-class _RankFirst:
-    """Draws `lora_a` as a `contracted + (rank,)` kernel, stored rank-first.
-
-    `lora_a` is stored `(rank,) + contracted` (PEFT's layout: autodiff then
-    computes its gradient as the fast wide product, see
-    `keras_lora/layers/kernels.py`), but initializers compute their fans
-    from the kernel layout `contracted + (rank,)`, so `he_uniform` keeps
-    drawing from `sqrt(6 / fan_in)` with `fan_in` the input size.
-    """
-
-    def __init__(self, initializer):
-        self.initializer = initializers.get(initializer)
-
-    def __call__(self, shape, dtype=None):
-        kernel_layout = tuple(shape[1:]) + (shape[0],)
-        value = self.initializer(kernel_layout, dtype=dtype)
-        # A contiguous copy: on torch `moveaxis` is a strided view, and a
-        # variable made from it would keep the rank-last memory layout
-        # (and its slow gradient) under the rank-first shape.
-        return np.ascontiguousarray(
-            np.moveaxis(ops.convert_to_numpy(value), -1, 0)
-        )
-
-
-def _is_float(x):
-    return "float" in keras.backend.standardize_dtype(x.dtype)
-
-
-class _Constant:
-    """An initializer returning a fixed numpy array (DoRA's magnitude)."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __call__(self, shape, dtype=None):
-        return np.asarray(self.value, dtype or "float32").reshape(shape)
-
-
-class _NullScope:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *args):
-        return False
-
-
-# Arguments that belong to the wrapper itself, not to the base layer.
-_WRAPPER_ONLY = (
-    "trainable", "adapter_enabled", "merged", "adapter_name",
-    "extra_adapters", "active_adapters", "use_dora", "init",
-)
-
-
-def base_from_arguments(base_class, base_layer, base_args, kwargs, who):
-    """Builds the base layer of a drop-in LoRA layer, or checks `base_layer`.
-
-    Args:
-        base_class: the Keras layer class to build.
-        base_layer: an existing layer, or `None` to build one.
-        base_args: the new layer's positional arguments (all `None` when
-            `base_layer` is given).
-        kwargs: the remaining keyword arguments.
-        who: the LoRA class name, for error messages.
-
-    Returns:
-        `(base_layer, wrapper_kwargs)`.
-    """
-    wrapper_kwargs = {k: kwargs.pop(k) for k in _WRAPPER_ONLY if k in kwargs}
-    given = [a for a in base_args if a is not None]
-    if base_layer is not None:
-        extra = sorted(set(kwargs) - {"name", "dtype"})
-        if given or extra:
-            raise ValueError(
-                f"{who}: pass either `base_layer` or the arguments of a new "
-                f"`{base_class.__name__}`, not both. Received: "
-                f"{given + extra}"
-            )
-        wrapper_kwargs.update(kwargs)
-        return base_layer, wrapper_kwargs
-    if len(given) != len(base_args):
-        raise ValueError(
-            f"{who} needs the positional arguments of a "
-            f"`{base_class.__name__}` or an existing `base_layer`."
-        )
-    for name in ("name", "dtype"):
-        if name in kwargs:
-            wrapper_kwargs[name] = kwargs[name]
-    return base_class(*base_args, **kwargs), wrapper_kwargs

@@ -107,20 +107,3 @@ def merged_kernel_delta(layer, adapter):
     kernel = ops.cast(ops.convert_to_tensor(layer.kernel.value), "float32")
     v = ops.add(kernel, _scaled_update(layer, adapter))
     return ops.subtract(ops.multiply(merge_factor(layer, adapter), v), kernel)
-
-
-def unmerged_kernel(layer, names, factors):
-    """The base kernel back from a merged one, given the DoRA factors `f`
-    kept at merge time: `W' = W·(1 + Σ(f−1)) + Σ_LoRA sAᵀB + Σ_DoRA f·sAᵀB`."""
-    merged = ops.cast(ops.convert_to_tensor(layer.kernel.value), "float32")
-    rest, scale = merged, 1.0
-    for name in names:
-        adapter = layer.adapters[name]
-        update = _scaled_update(layer, adapter)
-        if adapter.use_dora:
-            factor = ops.convert_to_tensor(factors[name])
-            rest = ops.subtract(rest, ops.multiply(factor, update))
-            scale = ops.add(scale, ops.subtract(factor, 1.0))
-        else:
-            rest = ops.subtract(rest, update)
-    return ops.divide(rest, scale)

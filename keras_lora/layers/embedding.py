@@ -245,12 +245,6 @@ class LoRAReversibleEmbedding(LoRAEmbedding):
             logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
         return logits
 
-    def _applied_adapters(self):
-        """The adapters `call` adds (none while disabled or merged)."""
-        if not self.adapter_enabled or self.merged:
-            return []
-        return [self._adapters[n] for n in self._present(self.active_adapters)]
-
     # Merging: an untied layer folds each pair into its own table ----------
 
     def reverse_delta(self, adapter_names=None):
