@@ -395,20 +395,29 @@ def test_quantize_after_apply_lora_is_refused_saying_the_order():
 # keras-hub -----------------------------------------------------------------
 
 
-def test_a_tiny_int8_gemma_causal_lm_trains_and_generates():
+def _tiny_int8_lm(name):
+    """A tiny keras-hub causal LM quantized int8, its tied embedding float:
+    Keras's int8 ReversibleEmbedding rounds the logits' inputs with no
+    gradient through them, which would stop every gradient below the logits
+    (docs/quantized_bases.md)."""
     import keras_hub
 
     keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=64, num_layers=1, num_query_heads=2,
-        num_key_value_heads=1, hidden_dim=16, intermediate_dim=32, head_dim=8,
-    )
-    lm = keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
-    # The tied embedding stays float: Keras's int8 ReversibleEmbedding
-    # rounds the logits' inputs with no gradient through them, which would
-    # stop every gradient below the logits (docs/quantized_bases.md).
+    sizes = dict(vocabulary_size=64, num_layers=1, num_query_heads=2,
+                 num_key_value_heads=1, hidden_dim=16, intermediate_dim=32)
+    if name == "GemmaCausalLM":
+        backbone = keras_hub.models.GemmaBackbone(head_dim=8, **sizes)
+    else:
+        backbone = keras_hub.models.Llama3Backbone(**sizes)
+    lm = getattr(keras_hub.models, name)(backbone, preprocessor=None)
     lm.quantize("int8", filters=lambda layer: not isinstance(
         layer, keras.layers.Embedding))
+    return lm
+
+
+@pytest.mark.parametrize("name", ["GemmaCausalLM", "Llama3CausalLM"])
+def test_a_tiny_int8_causal_lm_trains_and_generates(name):
+    lm = _tiny_int8_lm(name)
     token_ids = np.zeros((2, 8), "int32")
     token_ids[0, :3] = [1, 2, 3]
     token_ids[1, :2] = [4, 5]
@@ -418,53 +427,21 @@ def test_a_tiny_int8_gemma_causal_lm_trains_and_generates():
     y = np.tile(np.arange(1, 9, dtype="int32"), (4, 1))
     before = keras.ops.convert_to_numpy(lm(x))
     keras_lora.apply_lora(lm, rank=4)
-    assert type(lm).__name__ == "GemmaCausalLM"
+    assert type(lm).__name__ == name
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(lm(x)), before)
-    lm.compile(optimizer=keras.optimizers.Adam(0.02),
-               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    losses = lm.fit(x, y, epochs=3, verbose=0).history["loss"]
-    assert losses[-1] < losses[0]
-    # The backbone's name depends on how many were built before in this process.
-    query = keras_lora.lora_layers(lm)[f"{backbone.name}/decoder_block_0/attention/query"]
-    assert query.base_layer.quantization_mode == "int8"
-    assert keras.backend.standardize_dtype(query.kernel.dtype) == "int8"
-    generated = lm.generate(prompt, stop_token_ids=None)["token_ids"]
-    assert generated.shape == (2, 8)
-
-
-
-def test_a_tiny_int8_llama3_causal_lm_trains_and_generates():
-    import keras_hub
-
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.Llama3Backbone(
-        vocabulary_size=64, num_layers=1, num_query_heads=2,
-        num_key_value_heads=1, hidden_dim=16, intermediate_dim=32,
-    )
-    lm = keras_hub.models.Llama3CausalLM(backbone, preprocessor=None)
-    # The embedding (and its reverse, the logits) stays float, as for Gemma.
-    lm.quantize("int8", filters=lambda layer: not isinstance(
-        layer, keras.layers.Embedding))
-    token_ids = np.zeros((2, 8), "int32")
-    token_ids[0, :3] = [1, 2, 3]
-    token_ids[1, :2] = [4, 5]
-    prompt = {"token_ids": token_ids, "padding_mask": token_ids != 0}
-    x = {"token_ids": np.tile(np.arange(8, dtype="int32"), (4, 1)),
-         "padding_mask": np.ones((4, 8), bool)}
-    y = np.tile(np.arange(1, 9, dtype="int32"), (4, 1))
-    before = keras.ops.convert_to_numpy(lm(x))
-    keras_lora.apply_lora(lm, rank=4)
-    assert type(lm).__name__ == "Llama3CausalLM"
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(lm(x)), before)
-    adapted_layers = keras_lora.lora_layers(lm).values()
+    adapted_layers = keras_lora.lora_layers(lm)
     assert adapted_layers and all(
-        layer.base_layer.quantization_mode == "int8" for layer in adapted_layers)
+        layer.base_layer.quantization_mode == "int8"
+        for layer in adapted_layers.values())
+    query = adapted_layers[next(p for p in adapted_layers if p.endswith("/query"))]
+    assert keras.backend.standardize_dtype(query.kernel.dtype) == "int8"
     lm.compile(optimizer=keras.optimizers.Adam(0.02),
                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     losses = lm.fit(x, y, epochs=3, verbose=0).history["loss"]
     assert losses[-1] < losses[0]
     generated = lm.generate(prompt, stop_token_ids=None)["token_ids"]
     assert generated.shape == (2, 8)
+
 
 # Mixed batches ---------------------------------------------------------
 
