@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The backends' suites run side by side (tools/run_suites.py: each is
-# mostly single-threaded Python, and JAX's, the longest, runs as two
+# mostly single-threaded Python, and JAX's and TensorFlow's, the longest, run as two
 # processes); `make test-serial` runs them one after another.
 test: install
 	$(PY) tools/run_suites.py --backends $(BACKENDS)

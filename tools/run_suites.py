@@ -2,13 +2,15 @@
 
 Each backend's suite is mostly single-threaded Python, so on a 2-core
 machine running them at once takes about half of running them one after
-another. JAX's suite is the longest, so it runs as two processes, its test files
-shared between them by recorded durations (`DURATIONS`); each backend-specific test still runs exactly once
+another. JAX's and TensorFlow's suites are the longest, so each runs as two
+processes (a fresh clone's `make test` took 34 min with TensorFlow as one: it
+ran 5 min alone after the rest had ended), its test files shared between them
+by recorded durations (`DURATIONS`); each backend-specific test still runs exactly once
 (see `tests/conftest.py`). Each log is printed whole when every run has
 ended, with pytest's slowest tests; the exit status is 1 if any run failed
 (pytest's "no tests collected", 5, included).
 
-    python tools/run_suites.py [--backends jax tensorflow torch] [--split jax]
+    python tools/run_suites.py [--backends jax tensorflow torch] [--split jax tensorflow]
 """
 
 import argparse
@@ -41,6 +43,15 @@ DURATIONS = {
     "test_adapter_file_fuzz": 0, "test_config": 0, "test_layer_dispatch": 0,
 }
 DEFAULT_SECONDS = 10
+
+# More suites run at once than there are cores: each backend's op thread
+# pools stay at one thread, so they do not spin against one another (the
+# caller's own settings win).
+SINGLE_THREADED = {
+    "OMP_NUM_THREADS": "1",
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
+}
 
 
 def balanced_halves(files):
@@ -76,7 +87,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+",
                         default=["jax", "tensorflow", "torch"])
-    parser.add_argument("--split", nargs="*", default=["jax"],
+    parser.add_argument("--split", nargs="*", default=["jax", "tensorflow"],
                         help="backends whose suite runs as two processes")
     arguments = parser.parse_args(argv)
     os.chdir(ROOT)
@@ -88,7 +99,8 @@ def main(argv=None):
             log = open(os.path.join(logs, f"{index}.log"), "w+")
             command = [sys.executable, "-m", "pytest", "-q", "-p",
                        "no:cacheprovider", "--durations=10", *paths]
-            env = dict(os.environ, KERAS_BACKEND=backend)
+            env = dict(SINGLE_THREADED, **os.environ)
+            env["KERAS_BACKEND"] = backend
             process = subprocess.Popen(command, env=env, stdout=log,
                                        stderr=subprocess.STDOUT)
             running.append((label, process, log, time.monotonic()))
