@@ -186,12 +186,14 @@ class Router:
         """Returns `outputs` plus each example's update of `layer`."""
         if not layer._present(self.adapter_names):
             return outputs
-        lora_a, lora_b = stacked_adapters(layer, self.adapter_names, inputs)
+        # Each variant's per-unit factor (DoRA's), computed once per call.
+        factors = routed_factors(layer, self.adapter_names)
+        lora_a, lora_b = stacked_adapters(layer, self.adapter_names, inputs, factors)
         lora_a = ops.take(lora_a, self.slot, axis=0)
         lora_b = ops.take(lora_b, self.slot, axis=0)
         updated = ops.add(outputs, _per_example_update(layer, inputs, outputs,
                                                        lora_a, lora_b))
-        factors = dora_factors(layer, self.adapter_names, inputs)
+        factors = stacked_factors(layer, self.adapter_names, factors, inputs)
         if factors is None:
             return updated
         # DoRA: each example also rescales its base output, (f − 1)·(x·W).
@@ -207,7 +209,16 @@ class Router:
         return ops.add(updated, ops.multiply(ops.subtract(scale, 1.0), base_x))
 
 
-def stacked_adapters(layer, adapter_names, reference=None):
+def routed_factors(layer, adapter_names):
+    """`{name: per-unit factor or None}` of `layer`'s adapters among
+    `adapter_names` (see `LoRAVariant.routed_factor`)."""
+    return {
+        name: layer.adapters[name].variant.routed_factor(layer, layer.adapters[name])
+        for name in layer._present(adapter_names)
+    }
+
+
+def stacked_adapters(layer, adapter_names, reference=None, factors=None):
     """`(A, B)` of `layer`'s adapters stacked along a new first axis.
 
     Slot `k` holds adapter `adapter_names[k]` (zeros where the layer lacks
@@ -219,6 +230,7 @@ def stacked_adapters(layer, adapter_names, reference=None):
         adapter_names: the names, in slot order.
         reference: a tensor whose float dtype the stacks take (default: the
             layer's compute dtype).
+        factors: `routed_factors(layer, adapter_names)`, if already computed.
 
     Returns:
         `A` of shape `(len(adapter_names) + 1, rank, *contracted)` and `B`
@@ -228,6 +240,8 @@ def stacked_adapters(layer, adapter_names, reference=None):
     present = [layer.adapters[n] for n in layer._present(adapter_names)]
     rank = max(adapter.rank for adapter in present)
     reference = reference if reference is not None and _is_float(reference) else None
+    if factors is None:
+        factors = routed_factors(layer, adapter_names)
     a_slots, b_slots = [], []
     for name in adapter_names:
         if name not in layer.adapters:
@@ -240,7 +254,7 @@ def stacked_adapters(layer, adapter_names, reference=None):
             layer._in_compute_dtype(adapter.lora_b, reference),
             ops.cast(adapter.scaling, lora_a.dtype),
         )
-        factor = adapter.variant.routed_factor(layer, adapter)
+        factor = factors[name]
         if factor is not None:  # a per-unit factor (DoRA's) folds into B
             lora_b = ops.multiply(lora_b, ops.cast(factor, lora_b.dtype))
         a_slots.append(_padded(lora_a, rank))
@@ -255,15 +269,10 @@ def stacked_adapters(layer, adapter_names, reference=None):
     return _stacked(a_slots), _stacked(b_slots)
 
 
-def dora_factors(layer, adapter_names, reference=None):
-    """DoRA's per-unit factors `m/‖W + s·AᵀB‖` stacked by slot (1 for plain
-    LoRA adapters, missing adapters and the base slot), or `None` when no
-    adapter of `layer` in `adapter_names` uses DoRA."""
-    present = [layer.adapters[n] for n in layer._present(adapter_names)]
-    factors = {
-        adapter.name: adapter.variant.routed_factor(layer, adapter)
-        for adapter in present
-    }
+def stacked_factors(layer, adapter_names, factors, reference=None):
+    """The per-unit factors `factors` (DoRA's `m/‖W + s·AᵀB‖`) stacked by
+    slot (1 for adapters without one, missing adapters and the base slot),
+    or `None` when no adapter has one."""
     if all(factor is None for factor in factors.values()):
         return None
     _, free = layer._kernel_split(layer.base_layer)

@@ -21,7 +21,7 @@ from keras_lora.layers import is_default_target
 from keras_lora.layers import lora_class_for
 from keras_lora.layers import supported_types
 from keras_lora.layers.adapter import validate_adapter_name
-from keras_lora.layers.base import register_owner
+from keras_lora.layers.owners import register_owner
 from keras_lora.transaction import Transaction
 
 

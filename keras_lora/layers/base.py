@@ -14,9 +14,7 @@ from keras_lora.layers.adapter import Adapter
 from keras_lora.layers.adapter import AdapterSet
 from keras_lora.layers.adapter import AdapterSpec
 from keras_lora.layers.adapter import validate_adapter_name
-from keras_lora.layers.layer_args import base_from_arguments  # noqa: F401 (re-exported)
 from keras_lora.layers.owners import _reset_owner_functions
-from keras_lora.layers.owners import register_owner  # noqa: F401 (re-exported)
 from keras_lora.layers.initializers import NullScope
 from keras_lora.layers.initializers import RankFirst
 from keras_lora.layers.initializers import is_float
@@ -613,6 +611,16 @@ class LoRALayer(keras.layers.Layer):
         if delta is None:
             return ops.zeros(self.kernel_shape(self.base_layer), "float32")
         return delta
+
+    def _scaled_delta_kernel(self, adapter):
+        """`scaling · A·B` of one adapter, laid out like the kernel, float32."""
+        return ops.multiply(
+            self._delta_kernel(
+                ops.convert_to_tensor(adapter.lora_a.value),
+                ops.convert_to_tensor(adapter.lora_b.value),
+            ),
+            adapter.scaling,
+        )
 
     def merged_kernel(self):
         """Returns `W + Σ_active scaling · A·B` in the kernel's dtype.

@@ -5,7 +5,7 @@ from keras import ops
 
 from keras_lora.layers import quantized
 from keras_lora.layers.base import LoRALayer
-from keras_lora.layers.base import base_from_arguments
+from keras_lora.layers.layer_args import base_from_arguments
 from keras_lora.layers.kernels import add_low_rank_update
 
 

@@ -80,20 +80,10 @@ def add_dora_output(layer, outputs, base, x, adapter):
     )
 
 
-def _scaled_update(layer, adapter):
-    return ops.multiply(
-        layer._delta_kernel(
-            ops.convert_to_tensor(adapter.lora_a.value),
-            ops.convert_to_tensor(adapter.lora_b.value),
-        ),
-        adapter.scaling,
-    )
-
-
 def merge_factor(layer, adapter):
     """`m / ‖W + s·AᵀB‖` in the kernel's layout (1 on contracted axes)."""
     kernel = ops.cast(ops.convert_to_tensor(layer.kernel.value), "float32")
-    v = ops.add(kernel, _scaled_update(layer, adapter))
+    v = ops.add(kernel, layer._scaled_delta_kernel(adapter))
     contracted, _ = layer._kernel_axes(layer.base_layer)
     norm = ops.sqrt(ops.sum(ops.square(v), axis=tuple(contracted), keepdims=True))
     magnitude = ops.convert_to_tensor(adapter.lora_magnitude.value)
@@ -105,5 +95,5 @@ def merge_factor(layer, adapter):
 def merged_kernel_delta(layer, adapter):
     """`W' − W` for a DoRA adapter: `m ⊙ V/‖V‖ − W`, in float32."""
     kernel = ops.cast(ops.convert_to_tensor(layer.kernel.value), "float32")
-    v = ops.add(kernel, _scaled_update(layer, adapter))
+    v = ops.add(kernel, layer._scaled_delta_kernel(adapter))
     return ops.subtract(ops.multiply(merge_factor(layer, adapter), v), kernel)

@@ -79,10 +79,6 @@ def _path():
     return None
 
 
-def _from_int32(x, dtype):
-    return ops.cast(x, dtype)
-
-
 def _from_exact_float(x, dtype):
     # `x` holds integers of magnitude <= 2**24 in float32: the same value
     # as the int32 result; cast through int32 unless float32 is asked for,
@@ -115,7 +111,7 @@ def int8_matmul(inputs, kernel, dtype):
             flat = torch.nn.functional.pad(flat, (0, 0, 0, 17 - rows))
         out = torch._int_mm(flat.contiguous(), kernel.contiguous())[:rows]
         out = torch.reshape(out, tuple(inputs.shape[:-1]) + (n,))
-        return _from_int32(out, dtype)
+        return ops.cast(out, dtype)
     if path == "float":
         k = int(kernel.shape[0])
         x = ops.cast(inputs, "float32")
@@ -127,8 +123,8 @@ def int8_matmul(inputs, kernel, dtype):
             stop = min(start + EXACT_FLOAT_TERMS, k)
             part = ops.cast(ops.matmul(x[..., start:stop], w[start:stop]), "int32")
             total = part if total is None else ops.add(total, part)
-        return _from_int32(total, dtype)
-    return _from_int32(ops.matmul(inputs, kernel), dtype)
+        return ops.cast(total, dtype)
+    return ops.cast(ops.matmul(inputs, kernel), dtype)
 
 
 def _contracted_terms(equation, inputs_shape, kernel_shape):
@@ -165,4 +161,4 @@ def int8_einsum(equation, inputs, kernel, dtype):
             equation, ops.cast(inputs, "float32"), ops.cast(kernel, "float32")
         )
         return _from_exact_float(x, dtype)
-    return _from_int32(ops.einsum(equation, inputs, kernel), dtype)
+    return ops.cast(ops.einsum(equation, inputs, kernel), dtype)

@@ -52,27 +52,17 @@ class LoRAVariant:
         x, lora_a, lora_b = layer._factors_for(inputs, training, adapter)
         return layer._add_lora_output(outputs, x, lora_a, lora_b, adapter.scaling)
 
-    def scaled_update(self, layer, adapter):
-        """`scaling · A·B` laid out like the base kernel, float32."""
-        return ops.multiply(
-            layer._delta_kernel(
-                ops.convert_to_tensor(adapter.lora_a.value),
-                ops.convert_to_tensor(adapter.lora_b.value),
-            ),
-            adapter.scaling,
-        )
-
     def merge_record(self, layer, adapter):
         """What `unmerge_parts` needs once the kernel has changed (`None`)."""
         return None
 
     def kernel_delta(self, layer, adapter):
         """`W' − W`: what merging this adapter alone adds to the kernel."""
-        return self.scaled_update(layer, adapter)
+        return layer._scaled_delta_kernel(adapter)
 
     def unmerge_parts(self, layer, adapter, record):
         """`(c, u)` with the merged kernel `W·(1 + Σc) + Σu` (`c` or `None`)."""
-        return None, self.scaled_update(layer, adapter)
+        return None, layer._scaled_delta_kernel(adapter)
 
     def routed_factor(self, layer, adapter):
         """A per-output-unit factor on the base output and `B` in a mixed
@@ -140,7 +130,7 @@ class DoRAVariant(LoRAVariant):
         factor = ops.convert_to_tensor(record)
         return (
             ops.subtract(factor, 1.0),
-            ops.multiply(factor, self.scaled_update(layer, adapter)),
+            ops.multiply(factor, layer._scaled_delta_kernel(adapter)),
         )
 
     def routed_factor(self, layer, adapter):
