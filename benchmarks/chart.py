@@ -50,7 +50,7 @@ def draw(results, path):
             )
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.axhline(0.70, color="tab:red", linewidth=0.8, linestyle="--",
-                     label="target 0.70 (BERT all-linear: 0.72)")
+                     label="target 0.70")
         axis.set_xticks(list(positions))
         axis.set_xticklabels([_case_label(r) for r in rows], fontsize=7)
         axis.set_title(f"{backend}: step time / full fine-tune")

@@ -56,8 +56,24 @@ class RankLastDense(LoRADense):
         return ops.matmul(lora_a, lora_b)
 
 
+class UnfusedDense(LoRADense):
+    """The base product and the update as separate kernels (before
+    FINDINGS section 6)."""
+
+    def _fused_operands(self, inputs):
+        return None
+
+
+class UnfusedEinsumDense(LoRAEinsumDense):
+    """`UnfusedDense` for `EinsumDense`."""
+
+    def _fused_operands(self, inputs):
+        return None
+
+
 DENSE_CLASSES = {
     "current": LoRADense,
+    "unfused": UnfusedDense,
     "nd": NDDense,
     "rank_last": RankLastDense,
 }
@@ -87,7 +103,11 @@ class EinsumOnlyDense(LoRAEinsumDense):
         return ops.add(outputs, update)
 
 
-EINSUM_CLASSES = {"current": LoRAEinsumDense, "einsum": EinsumOnlyDense}
+EINSUM_CLASSES = {
+    "current": LoRAEinsumDense,
+    "einsum": EinsumOnlyDense,
+    "unfused": UnfusedEinsumDense,
+}
 
 
 def combo(name):

@@ -8,6 +8,7 @@ from keras import ops
 from keras_lora import config as lora_config
 from keras_lora.distribution import adapter_layout_scope
 from keras_lora.layers import batch_routing
+from keras_lora.layers import fused_kernels
 from keras_lora.layers import quantized
 from keras_lora.layers.adapter import DEFAULT_ADAPTER
 from keras_lora.layers.adapter import Adapter
@@ -525,23 +526,70 @@ class LoRALayer(keras.layers.Layer):
         return getattr(self.base_layer, "bias", None)
 
     def call(self, inputs, training=None):
-        base = self._base_preactivation(inputs)
-        router = batch_routing.current()
-        if router is not None and self.adapter_enabled and not self.merged:
-            # A mixed batch: each example takes its own adapter.
-            outputs = router.apply(self, base, inputs, training)
-        else:
-            # Each active adapter's variant adds its own term (see
-            # `keras_lora/layers/variants.py`).
-            outputs = base
-            for adapter in self._applied_adapters():
-                outputs = adapter.variant.add_output(
-                    self, outputs, base, inputs, training, adapter
-                )
+        outputs = self._preactivation(inputs, training)
         activation = getattr(self.base_layer, "activation", None)
         if activation is not None:
             outputs = activation(outputs)
         return outputs
+
+    def _preactivation(self, inputs, training):
+        router = batch_routing.current()
+        if router is not None and self.adapter_enabled and not self.merged:
+            # A mixed batch: each example takes its own adapter.
+            base = self._base_preactivation(inputs)
+            return router.apply(self, base, inputs, training)
+        fused = self._fused_output(inputs, training)
+        if fused is not None:
+            # One plain adapter on the layer's own input: base and update
+            # as one kernel (`keras_lora/layers/fused_kernels.py`).
+            return fused
+        # Each active adapter's variant adds its own term (see
+        # `keras_lora/layers/variants.py`).
+        base = self._base_preactivation(inputs)
+        outputs = base
+        for adapter in self._applied_adapters():
+            outputs = adapter.variant.add_output(
+                self, outputs, base, inputs, training, adapter
+            )
+        return outputs
+
+    def _fused_output(self, inputs, training):
+        """The pre-activation as one fused kernel, or `None`.
+
+        Fused when exactly one adapter applies, its variant adds a plain
+        update (`variant.fuses_with_base`), its dropout is off in this
+        call and the base is a float layer; the subclass then supplies
+        the 2-D views (`_fused_operands`) and the backend the kernel.
+        """
+        applied = self._applied_adapters()
+        if len(applied) != 1:
+            return None
+        adapter = applied[0]
+        if not adapter.variant.fuses_with_base:
+            return None
+        if training and adapter.dropout > 0:
+            return None
+        if self.base_layer.quantization_mode is not None:
+            return None
+        operands = self._fused_operands(inputs)
+        if operands is None:
+            return None
+        kernel, bias, batch_ndim, free_shape = operands
+        return fused_kernels.dense_with_update(
+            inputs,
+            kernel,
+            bias,
+            self._in_compute_dtype(adapter.lora_a, inputs),
+            self._in_compute_dtype(adapter.lora_b, inputs),
+            adapter.scaling,
+            batch_ndim,
+            free_shape,
+        )
+
+    def _fused_operands(self, inputs):
+        """`(kernel (d_in, d_out), bias (d_out,) or None, batch_ndim,
+        free_shape)` for `_fused_output`, or `None` (no fused path)."""
+        return None
 
     def _applied_adapters(self):
         """The adapters `call` applies: the active ones this layer has

@@ -6,6 +6,7 @@ order the axes have in the kernel.
 """
 
 import dataclasses
+import math
 
 import keras
 from keras import ops
@@ -233,6 +234,25 @@ class LoRAEinsumDense(LoRALayer):
         if self.base_layer.bias is not None:
             outputs = ops.add(outputs, self.base_layer.bias)
         return outputs
+
+    def _fused_operands(self, inputs):
+        split = self._split
+        contracted = split.contracted_axes
+        # A 2-D view of the kernel needs its contracted axes first.
+        if not split.matmul_view or contracted != tuple(range(len(contracted))):
+            return None
+        shape = self.kernel_shape(self.base_layer)
+        free_shape = tuple(shape[i] for i in split.free_axes)
+        bias = self.base_layer.bias
+        if bias is not None:
+            if tuple(bias.shape) != free_shape:
+                return None
+            bias = ops.reshape(self._in_compute_dtype(bias, inputs), (-1,))
+        kernel = ops.reshape(
+            self._in_compute_dtype(self.base_layer.kernel, inputs),
+            (math.prod(shape[: len(contracted)]), math.prod(free_shape)),
+        )
+        return kernel, bias, len(inputs.shape) - len(contracted), free_shape
 
     def _add_lora_output(self, outputs, inputs, lora_a, lora_b, scaling):
         if self._split.matmul_view:

@@ -22,6 +22,9 @@ class LoRAVariant:
     """Plain LoRA: adds `scaling · (dropout(x)·A)·B`, factored."""
 
     name = "lora"
+    fuses_with_base = True
+    """Whether a layer may compute base and update as one kernel
+    (`fused_kernels.dense_with_update`) when this is its only adapter."""
 
     def check(self, layer_class, base_layer, where=""):
         """Raises unless this variant can adapt `base_layer`."""
@@ -75,6 +78,7 @@ class DoRAVariant(LoRAVariant):
     (see `keras_lora/layers/dora.py`)."""
 
     name = "dora"
+    fuses_with_base = False
 
     def check(self, layer_class, base_layer, where=""):
         layer_class._check_dora(base_layer, where)

@@ -1,0 +1,142 @@
+"""One adapted linear layer, `x·W + b + s · (x·Aᵀ)·B`, as one kernel.
+
+`kernels.add_low_rank_update` adds the update to a base output computed
+apart. Where a layer has one plain LoRA adapter applied to its own input
+(no dropout active, no DoRA, a float base), the base product and the
+update can be one unit instead, which saves passes over the activations
+that no compiler fuses on these paths (measured in `benchmarks/FINDINGS.md`,
+section 6):
+
+- **torch**: a `torch.autograd.Function`. Its forward adds the bias in
+  the base GEMM (`addmm`) and the update into that output in place; its
+  backward computes the input gradient `g·Wᵀ + (s·g·Bᵀ)·A` as one GEMM
+  plus one in-place `addmm_`, where autograd would write both terms and
+  add them, and it skips every gradient no one asks for (the frozen `W`
+  and bias).
+- **JAX**: one `jax.jit` function for the base product, the bias and the
+  update. Eager JAX (`jit_compile=False`) otherwise dispatches the base
+  matmul, the bias add and the update one by one, and so does its
+  backward; under an outer `jit` the function is inlined.
+- **TensorFlow**: no fused path (`None`): a Keras model on TF always runs
+  as a graph, where grappler already fuses matmul and bias.
+
+The products run on 2-D views: `x` `(N, d_in)`, `W` `(d_in, d_out)`,
+`b` `(d_out,)` or `None`, `A` `(rank, d_in)`, `B` `(rank, d_out)`.
+"""
+
+import keras
+
+_BACKEND = keras.backend.backend()
+ENABLED = _BACKEND in ("torch", "jax")
+"""Whether `dense_with_update` has a fused path on this backend (a module
+flag, so a benchmark can time the layers without it)."""
+
+if _BACKEND == "torch":
+    import torch
+elif _BACKEND == "jax":
+    import jax
+
+
+def dense_with_update(inputs, kernel, bias, lora_a, lora_b, scaling,
+                      batch_ndim, free_shape):
+    """`x·W + b + scaling · (x·Aᵀ)·B`, or `None` where not fused.
+
+    Args:
+        inputs: tensor whose first `batch_ndim` axes are kept and whose
+            other axes are contracted (viewed as `(N, d_in)`).
+        kernel: `(d_in, d_out)` tensor in the inputs' dtype.
+        bias: `(d_out,)` tensor in the inputs' dtype, or `None`.
+        lora_a: `(rank, *contracted)` tensor in the inputs' dtype.
+        lora_b: `(rank, *free)` tensor in the inputs' dtype.
+        scaling: a Python float.
+        batch_ndim: the number of leading (kept) axes of `inputs`.
+        free_shape: the output's trailing (free) axes, a tuple of ints
+            whose product is `d_out`.
+
+    Returns:
+        The pre-activation, `inputs.shape[:batch_ndim] + free_shape`, or
+        `None` when this backend or these dtypes have no fused path (the
+        caller then computes it apart).
+    """
+    if not ENABLED:
+        return None
+    operands = (inputs, kernel, lora_a, lora_b)
+    if bias is not None:
+        operands += (bias,)
+    dtypes = {keras.backend.standardize_dtype(t.dtype) for t in operands}
+    if len(dtypes) != 1 or "float" not in dtypes.pop():
+        return None
+    scaling = float(scaling)
+    free_shape = tuple(int(d) for d in free_shape)
+    if _BACKEND == "torch":
+        rank = lora_a.shape[0]
+        flat = inputs.reshape(-1, kernel.shape[0])
+        outputs = _TorchDenseWithUpdate.apply(
+            flat, kernel, bias, lora_a.reshape(rank, -1),
+            lora_b.reshape(rank, -1), scaling,
+        )
+        return outputs.reshape(tuple(inputs.shape[:batch_ndim]) + free_shape)
+    return _jax_dense_with_update(
+        inputs, kernel, bias, lora_a, lora_b, scaling, batch_ndim, free_shape
+    )
+
+
+if _BACKEND == "jax":
+
+    def _jax_body(inputs, kernel, bias, lora_a, lora_b, scaling, batch_ndim,
+                  free_shape):
+        rank = lora_a.shape[0]
+        lora_a = lora_a.reshape(rank, -1)
+        lora_b = lora_b.reshape(rank, -1)
+        flat = inputs.reshape(-1, kernel.shape[0])
+        outputs = flat @ kernel
+        if bias is not None:
+            outputs = outputs + bias
+        # Scale the rank-r intermediate: the smallest tensor on the path.
+        low_rank = (flat @ lora_a.T) * scaling
+        outputs = outputs + low_rank @ lora_b
+        return outputs.reshape(inputs.shape[:batch_ndim] + free_shape)
+
+    _jax_dense_with_update = jax.jit(_jax_body, static_argnums=(5, 6, 7))
+
+
+if _BACKEND == "torch":
+
+    class _TorchDenseWithUpdate(torch.autograd.Function):
+        """`x·W + b + s·(x·Aᵀ)·B` on 2-D operands, with its own backward."""
+
+        @staticmethod
+        def forward(ctx, flat, kernel, bias, lora_a, lora_b, scaling):
+            low_rank = torch.mm(flat, lora_a.t())
+            if bias is None:
+                outputs = torch.mm(flat, kernel)
+            else:
+                outputs = torch.addmm(bias, flat, kernel)
+            outputs.addmm_(low_rank, lora_b, alpha=scaling)
+            ctx.save_for_backward(flat, kernel, lora_a, lora_b, low_rank)
+            ctx.scaling = scaling
+            return outputs
+
+        @staticmethod
+        def backward(ctx, grad):
+            flat, kernel, lora_a, lora_b, low_rank = ctx.saved_tensors
+            scaling = ctx.scaling
+            need_x, need_kernel, need_bias, need_a, need_b, _ = (
+                ctx.needs_input_grad
+            )
+            grad_low = None
+            if need_x or need_a:
+                grad_low = torch.mm(grad, lora_b.t()).mul_(scaling)
+            grad_x = grad_kernel = grad_bias = grad_a = grad_b = None
+            if need_x:
+                grad_x = torch.mm(grad, kernel.t())
+                grad_x.addmm_(grad_low, lora_a)
+            if need_kernel:
+                grad_kernel = torch.mm(flat.t(), grad)
+            if need_bias:
+                grad_bias = grad.sum(0)
+            if need_a:
+                grad_a = torch.mm(grad_low.t(), flat)
+            if need_b:
+                grad_b = torch.mm(low_rank.t(), grad).mul_(scaling)
+            return grad_x, grad_kernel, grad_bias, grad_a, grad_b, None
