@@ -24,7 +24,7 @@ def unfused(layer_class):
     """`layer_class` without the fused path."""
 
     class Unfused(layer_class):
-        def _fused_operands(self, inputs):
+        def _fused_layout(self):
             return None
 
     return Unfused
@@ -168,7 +168,7 @@ def test_kernels_without_a_2d_view_keep_the_separate_kernels(monkeypatch, kind):
     # on some free axes only is not a `(d_out,)` vector.
     spy = Spy(monkeypatch)
     layer = make_layer(kind)
-    assert layer._fused_operands(np.ones(input_shape(kind), "float32")) is None
+    assert layer._fused_layout() is None
     layer(np.ones(input_shape(kind), "float32"))
     assert spy.fused == 0
 

@@ -60,14 +60,14 @@ class UnfusedDense(LoRADense):
     """The base product and the update as separate kernels (before
     FINDINGS section 6)."""
 
-    def _fused_operands(self, inputs):
+    def _fused_layout(self):
         return None
 
 
 class UnfusedEinsumDense(LoRAEinsumDense):
     """`UnfusedDense` for `EinsumDense`."""
 
-    def _fused_operands(self, inputs):
+    def _fused_layout(self):
         return None
 
 

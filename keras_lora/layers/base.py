@@ -556,11 +556,14 @@ class LoRALayer(keras.layers.Layer):
     def _fused_output(self, inputs, training):
         """The pre-activation as one fused kernel, or `None`.
 
-        Fused when exactly one adapter applies, its variant adds a plain
-        update (`variant.fuses_with_base`), its dropout is off in this
-        call and the base is a float layer; the subclass then supplies
-        the 2-D views (`_fused_operands`) and the backend the kernel.
+        Fused when the backend has the kernel, exactly one adapter
+        applies, its variant adds a plain update
+        (`variant.fuses_with_base`), its dropout is off in this call, the
+        base is a float layer and its kernel has a 2-D view
+        (`_fused_layout`).
         """
+        if not fused_kernels.ENABLED:
+            return None
         applied = self._applied_adapters()
         if len(applied) != 1:
             return None
@@ -571,24 +574,32 @@ class LoRALayer(keras.layers.Layer):
             return None
         if self.base_layer.quantization_mode is not None:
             return None
-        operands = self._fused_operands(inputs)
-        if operands is None:
+        layout = self.__dict__.get("_fused_layout_value")
+        if layout is None:
+            # Static once built: computed on the first call, kept outside
+            # Keras's attribute tracking.
+            layout = self._fused_layout() or ()
+            object.__setattr__(self, "_fused_layout_value", layout)
+        if not layout:
             return None
-        kernel, bias, batch_ndim, free_shape = operands
+        matrix_shape, contracted_ndim, free_shape = layout
+        bias = self.base_layer.bias
         return fused_kernels.dense_with_update(
             inputs,
-            kernel,
-            bias,
-            self._in_compute_dtype(adapter.lora_a, inputs),
-            self._in_compute_dtype(adapter.lora_b, inputs),
+            self.base_layer.kernel.value,
+            None if bias is None else bias.value,
+            adapter.lora_a.value,
+            adapter.lora_b.value,
             adapter.scaling,
-            batch_ndim,
+            matrix_shape,
+            len(inputs.shape) - contracted_ndim,
             free_shape,
         )
 
-    def _fused_operands(self, inputs):
-        """`(kernel (d_in, d_out), bias (d_out,) or None, batch_ndim,
-        free_shape)` for `_fused_output`, or `None` (no fused path)."""
+    def _fused_layout(self):
+        """`(kernel matrix shape or None, number of contracted axes, free
+        shape)` for `_fused_output` (the kernel seen as `(d_in, d_out)`, a
+        bias as `(d_out,)`), or `None` where this layer has no fused path."""
         return None
 
     def _applied_adapters(self):

@@ -99,14 +99,8 @@ class LoRADense(LoRALayer):
             outputs = ops.add(outputs, self.base_layer.bias)
         return outputs
 
-    def _fused_operands(self, inputs):
-        bias = self.base_layer.bias
-        return (
-            self._in_compute_dtype(self.base_layer.kernel, inputs),
-            None if bias is None else self._in_compute_dtype(bias, inputs),
-            len(inputs.shape) - 1,
-            (self.base_layer.units,),
-        )
+    def _fused_layout(self):
+        return None, 1, (self.base_layer.units,)
 
     def _add_lora_output(self, outputs, inputs, lora_a, lora_b, scaling):
         return add_low_rank_update(

@@ -235,24 +235,22 @@ class LoRAEinsumDense(LoRALayer):
             outputs = ops.add(outputs, self.base_layer.bias)
         return outputs
 
-    def _fused_operands(self, inputs):
+    def _fused_layout(self):
         split = self._split
         contracted = split.contracted_axes
-        # A 2-D view of the kernel needs its contracted axes first.
+        # A 2-D view of the kernel needs its contracted axes first, and a
+        # bias one value per output unit.
         if not split.matmul_view or contracted != tuple(range(len(contracted))):
             return None
         shape = self.kernel_shape(self.base_layer)
         free_shape = tuple(shape[i] for i in split.free_axes)
         bias = self.base_layer.bias
-        if bias is not None:
-            if tuple(bias.shape) != free_shape:
-                return None
-            bias = ops.reshape(self._in_compute_dtype(bias, inputs), (-1,))
-        kernel = ops.reshape(
-            self._in_compute_dtype(self.base_layer.kernel, inputs),
-            (math.prod(shape[: len(contracted)]), math.prod(free_shape)),
+        if bias is not None and tuple(bias.shape) != free_shape:
+            return None
+        matrix_shape = (
+            math.prod(shape[: len(contracted)]), math.prod(free_shape)
         )
-        return kernel, bias, len(inputs.shape) - len(contracted), free_shape
+        return matrix_shape, len(contracted), free_shape
 
     def _add_lora_output(self, outputs, inputs, lora_a, lora_b, scaling):
         if self._split.matmul_view:

@@ -38,53 +38,70 @@ elif _BACKEND == "jax":
 
 
 def dense_with_update(inputs, kernel, bias, lora_a, lora_b, scaling,
-                      batch_ndim, free_shape):
+                      matrix_shape, batch_ndim, free_shape):
     """`x·W + b + scaling · (x·Aᵀ)·B`, or `None` where not fused.
+
+    Every operand is cast to the inputs' dtype (the layer's compute dtype
+    under a mixed policy) where it differs, as the separate kernels do.
 
     Args:
         inputs: tensor whose first `batch_ndim` axes are kept and whose
             other axes are contracted (viewed as `(N, d_in)`).
-        kernel: `(d_in, d_out)` tensor in the inputs' dtype.
-        bias: `(d_out,)` tensor in the inputs' dtype, or `None`.
-        lora_a: `(rank, *contracted)` tensor in the inputs' dtype.
-        lora_b: `(rank, *free)` tensor in the inputs' dtype.
+        kernel: the base kernel tensor, `(d_in, d_out)` or reshaped to it.
+        bias: the bias tensor (`d_out` values), or `None`.
+        lora_a: `(rank, *contracted)` tensor.
+        lora_b: `(rank, *free)` tensor.
         scaling: a Python float.
+        matrix_shape: `(d_in, d_out)` to reshape `kernel` to, or `None`
+            when it is 2-D already.
         batch_ndim: the number of leading (kept) axes of `inputs`.
         free_shape: the output's trailing (free) axes, a tuple of ints
             whose product is `d_out`.
 
     Returns:
         The pre-activation, `inputs.shape[:batch_ndim] + free_shape`, or
-        `None` when this backend or these dtypes have no fused path (the
-        caller then computes it apart).
+        `None` when this backend or the inputs' dtype has no fused path
+        (the caller then computes it apart).
     """
     if not ENABLED:
         return None
-    operands = (inputs, kernel, lora_a, lora_b)
-    if bias is not None:
-        operands += (bias,)
-    dtypes = {keras.backend.standardize_dtype(t.dtype) for t in operands}
-    if len(dtypes) != 1 or "float" not in dtypes.pop():
-        return None
-    scaling = float(scaling)
-    free_shape = tuple(int(d) for d in free_shape)
     if _BACKEND == "torch":
+        if not inputs.is_floating_point():
+            return None
+        dtype = inputs.dtype
+        kernel, lora_a, lora_b = (
+            t if t.dtype == dtype else t.to(dtype)
+            for t in (kernel, lora_a, lora_b)
+        )
+        if matrix_shape is not None:
+            kernel = kernel.reshape(matrix_shape)
+        if bias is not None:
+            bias = (bias if bias.dtype == dtype else bias.to(dtype)).reshape(-1)
         rank = lora_a.shape[0]
         flat = inputs.reshape(-1, kernel.shape[0])
         outputs = _TorchDenseWithUpdate.apply(
             flat, kernel, bias, lora_a.reshape(rank, -1),
-            lora_b.reshape(rank, -1), scaling,
+            lora_b.reshape(rank, -1), float(scaling),
         )
         return outputs.reshape(tuple(inputs.shape[:batch_ndim]) + free_shape)
+    if not jax.numpy.issubdtype(inputs.dtype, jax.numpy.floating):
+        return None
     return _jax_dense_with_update(
-        inputs, kernel, bias, lora_a, lora_b, scaling, batch_ndim, free_shape
+        inputs, kernel, bias, lora_a, lora_b, float(scaling), matrix_shape,
+        batch_ndim, tuple(free_shape),
     )
 
 
 if _BACKEND == "jax":
 
-    def _jax_body(inputs, kernel, bias, lora_a, lora_b, scaling, batch_ndim,
-                  free_shape):
+    def _jax_body(inputs, kernel, bias, lora_a, lora_b, scaling, matrix_shape,
+                  batch_ndim, free_shape):
+        dtype = inputs.dtype
+        kernel, lora_a, lora_b = (t.astype(dtype) for t in (kernel, lora_a, lora_b))
+        if matrix_shape is not None:
+            kernel = kernel.reshape(matrix_shape)
+        if bias is not None:
+            bias = bias.astype(dtype).reshape(-1)
         rank = lora_a.shape[0]
         lora_a = lora_a.reshape(rank, -1)
         lora_b = lora_b.reshape(rank, -1)
@@ -97,7 +114,7 @@ if _BACKEND == "jax":
         outputs = outputs + low_rank @ lora_b
         return outputs.reshape(inputs.shape[:batch_ndim] + free_shape)
 
-    _jax_dense_with_update = jax.jit(_jax_body, static_argnums=(5, 6, 7))
+    _jax_dense_with_update = jax.jit(_jax_body, static_argnums=(5, 6, 7, 8))
 
 
 if _BACKEND == "torch":

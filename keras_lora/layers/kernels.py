@@ -1,10 +1,12 @@
 """The LoRA update `outputs + s · (x·Aᵀ)·B`, written for speed on each backend.
 
 Used by `LoRADense` and by `LoRAEinsumDense` where its equation is a matmul
-on reshaped operands. Four measured choices live here (see
-`benchmarks/FINDINGS.md`, sections 1 and 1b), and, with DoRA's fused term
-in `dora_kernels.py`, nothing else in keras-lora depends on the backend
-for speed:
+on reshaped operands where the base product is computed apart (several
+adapters, DoRA, dropout, quantized bases, mixed batches; a single plain
+adapter takes `fused_kernels.py` instead). Four measured choices live here
+(see `benchmarks/FINDINGS.md`, sections 1 and 1b), and, with DoRA's fused
+term in `dora_kernels.py` and `fused_kernels.py`, nothing else in
+keras-lora depends on the backend for speed:
 
 - `A` is stored rank-first (PEFT's layout), so autodiff computes `dA` as
   the wide `(r, N)·(N, d_in)` product. Stored `(d_in, r)`, `dA` is the tall
