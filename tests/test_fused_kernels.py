@@ -17,7 +17,7 @@ from keras_lora.layers import LoRAEinsumDense
 from keras_lora.layers import fused_kernels
 
 BACKEND = keras.backend.backend()
-FUSES = BACKEND in ("torch", "jax")
+FUSES = fused_kernels.ENABLED
 
 
 def unfused(layer_class):
