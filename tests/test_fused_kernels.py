@@ -195,3 +195,20 @@ def test_not_fused_with_dropout_two_adapters_dora_or_disabled(monkeypatch):
     with keras_lora.disable_adapters(model):
         layer(x)
     assert spy.fused == 0
+
+
+def test_compiled_models_fuse_except_under_tensorflows_xla(monkeypatch):
+    # JAX inlines the fused function under `jit`; torch.compile traces the
+    # autograd.Function; TF under XLA keeps the separate kernels.
+    spy = Spy(monkeypatch)
+    model = keras.Sequential([keras.Input((3, 5)), keras.layers.Dense(6)])
+    keras_lora.apply_lora(model, rank=2)
+    model.compile(loss="mse", jit_compile=True)
+    model.predict(np.ones((2, 3, 5), "float32"), verbose=0)
+    expected = 0 if BACKEND == "tensorflow" else 1
+    assert min(spy.fused, 1) == expected
+    if BACKEND == "tensorflow":
+        spy.fused = 0
+        model.compile(loss="mse", jit_compile=False)
+        model.predict(np.ones((2, 3, 5), "float32"), verbose=0)
+        assert spy.fused >= 1
