@@ -538,7 +538,8 @@ class LoRALayer(keras.layers.Layer):
             # A mixed batch: each example takes its own adapter.
             base = self._base_preactivation(inputs)
             return router.apply(self, base, inputs, training)
-        fused = self._fused_output(inputs, training)
+        applied = self._applied_adapters()
+        fused = self._fused_output(inputs, training, applied)
         if fused is not None:
             # One plain adapter on the layer's own input: base and update
             # as one kernel (`keras_lora/layers/fused_kernels.py`).
@@ -547,25 +548,22 @@ class LoRALayer(keras.layers.Layer):
         # `keras_lora/layers/variants.py`).
         base = self._base_preactivation(inputs)
         outputs = base
-        for adapter in self._applied_adapters():
+        for adapter in applied:
             outputs = adapter.variant.add_output(
                 self, outputs, base, inputs, training, adapter
             )
         return outputs
 
-    def _fused_output(self, inputs, training):
+    def _fused_output(self, inputs, training, applied):
         """The pre-activation as one fused kernel, or `None`.
 
         Fused when the backend has the kernel, exactly one adapter
-        applies, its variant adds a plain update
+        applies (`applied`, from `_applied_adapters`), its variant adds a plain update
         (`variant.fuses_with_base`), its dropout is off in this call, the
         base is a float layer and its kernel has a 2-D view
         (`_fused_layout`).
         """
-        if not fused_kernels.ENABLED:
-            return None
-        applied = self._applied_adapters()
-        if len(applied) != 1:
+        if not fused_kernels.ENABLED or len(applied) != 1:
             return None
         adapter = applied[0]
         if not adapter.variant.fuses_with_base:

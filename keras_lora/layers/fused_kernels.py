@@ -14,11 +14,12 @@ section 6):
   add them, and it skips every gradient no one asks for (the frozen `W`
   and bias).
 - **JAX**: one `jax.jit` function for the base product, the bias and the
-  update. Eager JAX (`jit_compile=False`) otherwise dispatches the base
+  update (`kernels.update_on_views`, shared with the separate kernels). Eager JAX (`jit_compile=False`) otherwise dispatches the base
   matmul, the bias add and the update one by one, and so does its
   backward; under an outer `jit` the function is inlined.
-- **TensorFlow**: the same ops on 2-D views, the bias as a `BiasAdd`
-  (which grappler fuses into the MatMul). A Keras model on TF runs as a
+- **TensorFlow**: the base product on 2-D views with the bias as a
+  `BiasAdd` (which grappler fuses into the MatMul), then
+  `kernels.update_on_views`. A Keras model on TF runs as a
   graph; without XLA, each of the separate kernels' reshapes, einsums and
   broadcast adds is a kernel of its own (BERT all-linear step, no XLA:
   0.68 × full against 0.77 with the separate kernels). Under XLA the
@@ -31,10 +32,12 @@ The products run on 2-D views: `x` `(N, d_in)`, `W` `(d_in, d_out)`,
 
 import keras
 
+from keras_lora.layers.kernels import update_on_views
+
 _BACKEND = keras.backend.backend()
 ENABLED = _BACKEND in ("torch", "jax", "tensorflow")
-"""Whether `dense_with_update` has a fused path on this backend (a module
-flag, so a benchmark can time the layers without it)."""
+"""Whether `dense_with_update` has a fused path on this backend (not on
+Keras's other backends, which keep the separate kernels)."""
 
 if _BACKEND == "torch":
     import torch
@@ -110,22 +113,12 @@ if _BACKEND == "jax":
 
     def _jax_body(inputs, kernel, bias, lora_a, lora_b, scaling, matrix_shape,
                   batch_ndim, free_shape):
-        dtype = inputs.dtype
-        kernel, lora_a, lora_b = (t.astype(dtype) for t in (kernel, lora_a, lora_b))
-        if matrix_shape is not None:
-            kernel = kernel.reshape(matrix_shape)
-        if bias is not None:
-            bias = bias.astype(dtype).reshape(-1)
-        rank = lora_a.shape[0]
-        lora_a = lora_a.reshape(rank, -1)
-        lora_b = lora_b.reshape(rank, -1)
-        flat = inputs.reshape(-1, kernel.shape[0])
-        outputs = flat @ kernel
-        if bias is not None:
-            outputs = outputs + bias
-        # Scale the rank-r intermediate: the smallest tensor on the path.
-        low_rank = (flat @ lora_a.T) * scaling
-        outputs = outputs + low_rank @ lora_b
+        flat, outputs, lora_a, lora_b = _base_on_views(
+            inputs, kernel, bias, lora_a, lora_b, matrix_shape,
+            lambda t, dtype: t.astype(dtype), lambda t, shape: t.reshape(shape),
+            lambda x, w: x @ w,
+        )
+        outputs = update_on_views(outputs, flat, lora_a, lora_b, scaling)
         return outputs.reshape(inputs.shape[:batch_ndim] + free_shape)
 
     _jax_dense_with_update = jax.jit(_jax_body, static_argnums=(5, 6, 7, 8))
@@ -175,26 +168,33 @@ if _BACKEND == "torch":
 
 def _tf_dense_with_update(inputs, kernel, bias, lora_a, lora_b, scaling,
                           matrix_shape, batch_ndim, free_shape):
-    dtype = inputs.dtype
-
-    def cast(t):
-        return t if t.dtype == dtype else tf.cast(t, dtype)
-
-    kernel = cast(kernel)
-    if matrix_shape is not None:
-        kernel = tf.reshape(kernel, matrix_shape)
-    rank = lora_a.shape[0]
-    flat = tf.reshape(inputs, (-1, kernel.shape[0]))
-    outputs = tf.matmul(flat, kernel)
-    if bias is not None:
-        # BiasAdd, which grappler fuses into the MatMul.
-        outputs = tf.nn.bias_add(outputs, tf.reshape(cast(bias), (-1,)))
-    low_rank = tf.matmul(
-        flat, tf.reshape(cast(lora_a), (rank, -1)), transpose_b=True
-    ) * scaling
-    outputs = outputs + tf.matmul(low_rank, tf.reshape(cast(lora_b), (rank, -1)))
+    # The bias as a BiasAdd, which grappler fuses into the MatMul.
+    flat, outputs, lora_a, lora_b = _base_on_views(
+        inputs, kernel, bias, lora_a, lora_b, matrix_shape, tf.cast,
+        tf.reshape, tf.matmul, tf.nn.bias_add,
+    )
+    outputs = update_on_views(outputs, flat, lora_a, lora_b, scaling)
     leading = [
         d if d is not None else tf.shape(inputs)[i]
         for i, d in enumerate(inputs.shape[:batch_ndim])
     ]
     return tf.reshape(outputs, leading + list(free_shape))
+
+
+def _base_on_views(inputs, kernel, bias, lora_a, lora_b, matrix_shape, cast,
+                   reshape, matmul, add_bias=lambda x, b: x + b):
+    """`(x as (N, d_in), x·W + b, A, B)` in the inputs' dtype, for the
+    shared update (`kernels.update_on_views`), with this backend's ops."""
+    dtype = inputs.dtype
+
+    def as_input_dtype(t):
+        return t if t.dtype == dtype else cast(t, dtype)
+
+    kernel = as_input_dtype(kernel)
+    if matrix_shape is not None:
+        kernel = reshape(kernel, matrix_shape)
+    flat = reshape(inputs, (-1, kernel.shape[0]))
+    outputs = matmul(flat, kernel)
+    if bias is not None:
+        outputs = add_bias(outputs, reshape(as_input_dtype(bias), (-1,)))
+    return flat, outputs, as_input_dtype(lora_a), as_input_dtype(lora_b)
