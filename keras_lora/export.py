@@ -17,12 +17,11 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import keras
 
+from keras_lora import export_worker
 from keras_lora import file_swap
 from keras_lora import export_signature
 from keras_lora import model_walk
@@ -64,20 +63,6 @@ _UNSUPPORTED = {
     ),
 }
 
-# Ends the export process when the process that started it dies (a killed
-# parent cannot wait for, or kill, its child). Polls `os.getppid()`, which
-# works on every POSIX system; the parent passes its pid so that a parent
-# already gone before the thread starts is noticed too.
-_WATCHDOG = """
-import os, sys, threading, time
-_parent = int(sys.argv[1])
-def _watch():
-    while os.getppid() == _parent:
-        time.sleep(0.2)
-    os._exit(70)
-threading.Thread(target=_watch, daemon=True).start()
-"""
-
 _EXPORT = """
 import importlib, json
 for name in json.loads(sys.argv[2])["modules"]:
@@ -91,8 +76,6 @@ kwargs = {} if signature is None else {"input_signature": signature}
 model.export(request["artifact"], format=request["format"], verbose=False,
              **kwargs)
 """
-
-_WORKER = _WATCHDOG + _EXPORT
 
 # Staging directories beside the target: `.<name>.export-<pid>-<random>`;
 # a crash between the two renames of the fallback swap leaves the previous
@@ -110,9 +93,11 @@ def export_merged(model, path, format="tf_saved_model", overwrite=None,
     neither keras-lora nor Keras to serve. A model without LoRA layers is
     exported as it is. Works from the JAX, TensorFlow and PyTorch backends:
     off TensorFlow, the export runs in a subprocess with
-    `KERAS_BACKEND=tensorflow` (same interpreter and `sys.path`), whose
-    output is captured and shown only inside the error if it fails, and
-    which ends itself if this process dies.
+    `KERAS_BACKEND=tensorflow` (same interpreter, `sys.path` and
+    environment), whose output is captured and shown only inside the error
+    if it fails, and which ends itself if this process dies. The subprocess
+    stays up for the next export, since starting one costs seconds (see
+    `keras_lora/export_worker.py` for what carries over between exports).
 
     Subclassed models: custom classes must be registered
     (`keras.saving.register_keras_serializable`) in an importable module.
@@ -308,23 +293,16 @@ def _write_artifact(model, artifact, format, spec, staging, signature,
     _export_in_subprocess(request, spec)
 
 
-def _export_in_subprocess(request, spec, worker=None,
+def _export_in_subprocess(request, spec, source=None,
                           caller="export_merged"):
-    """Runs `worker` (Python source ending in an export; `sys.argv[2]` is
-    the JSON `request`; default `_WORKER`) in a `spec.backend` process."""
-    env = dict(os.environ, KERAS_BACKEND=spec.backend)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # The child finds what this process imports (custom classes included).
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    result = subprocess.run(
-        [sys.executable, "-c", worker or _WORKER, str(os.getpid()),
-         json.dumps(request)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0 or not os.path.lexists(request["artifact"]):
-        output = (result.stdout + result.stderr)[-4000:]
+    """Runs the job `source` (Python source ending in an export;
+    `sys.argv[2]` is the JSON `request`; default `_EXPORT`) in the warm
+    `spec.backend` process (`export_worker`)."""
+    status, output = export_worker.run_job(
+        source or _EXPORT, json.dumps(request), spec.backend,
+        request["modules"])
+    if status != 0 or not os.path.lexists(request["artifact"]):
+        output = output[-4000:]
         hint = ""
         if "Could not locate class" in output:
             hint = (
@@ -336,7 +314,7 @@ def _export_in_subprocess(request, spec, worker=None,
         raise RuntimeError(
             f"{caller}(format={request['format']!r}): the "
             f"{spec.backend}-backend export process failed (exit code "
-            f"{result.returncode}).{hint} Its output ends with:\n{output}"
+            f"{status}).{hint} Its output ends with:\n{output}"
         )
 
 

@@ -36,8 +36,6 @@ model = keras_lora.load_model(request["model"], compile=False)
 multi_export.save_served(model, request["adapter_names"], request["artifact"])
 """
 
-_WORKER = export._WATCHDOG + _EXPORT
-
 
 def export_multi_adapter(model, path, adapter_names, overwrite=None,
                          custom_modules=None):
@@ -118,7 +116,7 @@ def _write(model, names, artifact, spec, staging, modules):
         "adapter_names": names,
         "modules": export_signature.modules_to_import(model, modules),
     }
-    export._export_in_subprocess(request, spec, worker=_WORKER,
+    export._export_in_subprocess(request, spec, source=_EXPORT,
                                  caller="export_multi_adapter")
 
 

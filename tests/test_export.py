@@ -13,6 +13,7 @@ import test_cli
 import test_surgery
 
 from keras_lora import export
+from keras_lora import export_worker
 from keras_lora.export import export_merged
 from keras_lora import file_swap
 from keras_lora.surgery import apply_lora
@@ -302,7 +303,7 @@ def request(tmp_path, format="litert"):
 
 def test_subprocess_failure_shows_its_error(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        export, "_WORKER",
+        export, "_EXPORT",
         "import json, sys; print('log line'); "
         "sys.exit('worker failed: ' + json.loads(sys.argv[2])['format'])",
     )
@@ -316,7 +317,7 @@ def test_a_custom_class_the_subprocess_cannot_find_names_custom_modules(
     tmp_path, monkeypatch
 ):
     monkeypatch.setattr(
-        export, "_WORKER",
+        export, "_EXPORT",
         "import sys; sys.exit(\"TypeError: Could not locate class 'Net'\")",
     )
     with pytest.raises(RuntimeError, match="custom_modules"):
@@ -330,12 +331,12 @@ def test_a_successful_export_prints_nothing(tmp_path, capfd):
 
 
 def test_the_worker_starts_with_the_parent_watchdog():
-    assert export._WORKER.startswith(export._WATCHDOG)
+    assert export_worker.SERVER.startswith(export_worker.WATCHDOG)
 
 
 def test_the_export_process_ends_when_its_parent_is_killed(tmp_path):
     # parent -> child (the watchdog, then a long sleep in place of an export)
-    child_code = export._WATCHDOG + (
+    child_code = export_worker.WATCHDOG + (
         "open(sys.argv[2], 'w').write(str(os.getpid()))\n"
         "time.sleep(300)\n"
     )

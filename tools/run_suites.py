@@ -89,6 +89,9 @@ def main(argv=None):
                         default=["jax", "tensorflow", "torch"])
     parser.add_argument("--split", nargs="*", default=["jax", "tensorflow"],
                         help="backends whose suite runs as two processes")
+    parser.add_argument("--junit-dir", default=None,
+                        help="write each run's pytest --junitxml report here "
+                             "(per-test durations, to refresh DURATIONS)")
     arguments = parser.parse_args(argv)
     os.chdir(ROOT)
     running = []
@@ -99,6 +102,10 @@ def main(argv=None):
             log = open(os.path.join(logs, f"{index}.log"), "w+")
             command = [sys.executable, "-m", "pytest", "-q", "-p",
                        "no:cacheprovider", "--durations=10", *paths]
+            if arguments.junit_dir:
+                os.makedirs(arguments.junit_dir, exist_ok=True)
+                command.append("--junitxml=" + os.path.join(
+                    arguments.junit_dir, f"{index}-{backend}.xml"))
             env = dict(SINGLE_THREADED, **os.environ)
             env["KERAS_BACKEND"] = backend
             process = subprocess.Popen(command, env=env, stdout=log,
