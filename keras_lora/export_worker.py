@@ -22,7 +22,9 @@ Each job behaves as it would in a fresh process where it can:
   a fresh one), and the next job starts another.
 
 The process ends itself when this one dies (it polls its parent pid) or
-exits (its stdin closes). Jobs run one at a time (a lock).
+exits (its stdin closes). Jobs run one at a time (a lock); a job
+interrupted in this process (`KeyboardInterrupt`) ends the worker, and a
+forked child starts its own.
 """
 
 import atexit
@@ -181,7 +183,13 @@ def run_job(source, request, backend, modules=()):
             if worker is not None:
                 worker.close()
             worker = _workers[backend] = _Worker(backend, env)
-        status, output = worker.run(source, request, env, modules)
+        try:
+            status, output = worker.run(source, request, env, modules)
+        except BaseException:  # interrupted mid-job: its answer is lost
+            _workers.pop(backend, None)
+            worker.process.kill()
+            worker.process.wait()
+            raise
         if status:
             _workers.pop(backend, None)
         return status, output
@@ -202,7 +210,15 @@ def close_all():
             _workers.popitem()[1].close()
 
 
+def _forget_after_fork():
+    """A forked child has copies of the pipes, not its own workers."""
+    global _lock
+    _lock = threading.Lock()
+    _workers.clear()
+
+
 atexit.register(close_all)
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _start_up(env):

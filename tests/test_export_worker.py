@@ -144,6 +144,30 @@ def test_what_a_successful_job_prints_is_kept_from_the_terminal(capfd):
     assert capfd.readouterr() == ("", "")
 
 
+def test_an_interrupted_job_ends_its_worker(tmp_path, monkeypatch):
+    report(tmp_path)
+    worker = export_worker._workers[BACKEND]
+
+    def interrupted(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_worker._Worker, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_worker.run_job("", "{}", BACKEND)
+    assert export_worker.worker_pid(BACKEND) is None
+    assert not file_swap.process_alive(worker.process.pid)
+
+
+def test_a_forked_child_does_not_use_the_parents_worker(tmp_path):
+    report(tmp_path)
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if export_worker.worker_pid(BACKEND) is None else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert export_worker.worker_pid(BACKEND) is not None
+
+
 def test_close_all_ends_the_processes(tmp_path):
     report(tmp_path)
     pid = export_worker.worker_pid(BACKEND)
