@@ -15,6 +15,15 @@ matches the docstrings.
       python tests/test_docs.py --write-api
 
 - The examples in those docstrings run as doctests.
+
+The pages' code and the doctests each run on one backend per `make test`,
+the three backends taking turns in page (and object) order: every page and
+example still runs in every suite run, and each behaviour they show is
+tested on all three backends by its own tests. Running them all on every
+backend cost 965 of the suite's 6635 process-seconds (2 cores, five suite
+processes), the largest part of `make test`; JAX's eager compiles make a
+page 3-10x slower there than on torch. `KERAS_LORA_DOCS_ALL_BACKENDS=1` runs every page and doctest on
+the current backend.
 """
 
 import contextlib
@@ -61,12 +70,30 @@ def runs(info):
     return words[:1] == ["python"] and "no-run" not in words
 
 
+# The order in which the backends take turns; with this one the pages and
+# doctests cost 272 process-seconds in all (the other orders: 283-398).
+_BACKENDS = ("torch", "jax", "tensorflow")
+
+
+def on_one_backend(values, ids=None):
+    """`values` as `pytest.param`s, each marked for one backend in turn
+    (none with `KERAS_LORA_DOCS_ALL_BACKENDS=1`)."""
+    every = os.environ.get("KERAS_LORA_DOCS_ALL_BACKENDS") == "1"
+    params = []
+    for index, value in enumerate(values):
+        marks = () if every else pytest.mark.backend(_BACKENDS[index % 3])
+        args = value if isinstance(value, tuple) else (value,)
+        params.append(pytest.param(*args, marks=marks,
+                                   id=None if ids is None else ids[index]))
+    return params
+
+
 def _read(page):
     with open(os.path.join(ROOT, page), encoding="utf-8") as f:
         return f.read()
 
 
-@pytest.mark.parametrize("page", doc_pages())
+@pytest.mark.parametrize("page", on_one_backend(doc_pages()))
 def test_code_blocks_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__docs__"}
@@ -274,7 +301,8 @@ def _public_objects():
 
 
 @pytest.mark.parametrize(
-    "name, obj", list(_public_objects()), ids=[n for n, _ in _public_objects()]
+    "name, obj", on_one_backend(list(_public_objects()),
+                                ids=[n for n, _ in _public_objects()])
 )
 def test_docstring_examples_run(name, obj, tmp_path, monkeypatch):
     import keras

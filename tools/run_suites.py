@@ -25,22 +25,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # Seconds each test file took in the JAX suite (`--junitxml` sums, 2 cores,
-# the TensorFlow suite running beside it, 2026-12-02). Splitting the files
-# alternately gave halves of 447 s and 769 s; split by these, 608 s each.
-# A file not listed counts as DEFAULT_SECONDS; refresh after big changes.
+# all five suite processes side by side, 2026-12-03: `--junit-dir`), with
+# test_docs as it runs now (a third of its pages on JAX) and the export
+# files from a run with the warm export process. A file not listed counts
+# as DEFAULT_SECONDS; refresh after big changes.
 DURATIONS = {
-    "test_docs": 198, "test_quantized": 172, "test_hub": 116,
-    "test_examples": 103, "test_mixed_batch": 72, "test_benchmarks_smoke": 68,
-    "test_export": 60, "test_keras_native_save": 54, "test_minilm": 36,
-    "test_conv": 34, "test_distribution": 34, "test_merge": 33,
-    "test_peft_interop": 29, "test_embedding": 23, "test_surgery": 21,
-    "test_init_methods": 20, "test_adapters": 18, "test_cli": 18,
-    "test_einsum_dense": 16, "test_benchmark_embedding_conv": 14,
-    "test_dora": 10, "test_traced_cache": 10, "test_loraplus": 8,
-    "test_mixed_precision": 8, "test_multi": 8, "test_model_io": 6,
-    "test_clone": 5, "test_dense": 5, "test_layer_training": 5,
-    "test_weighted": 5, "test_adapter_file": 3, "test_layer_serialization": 3,
-    "test_adapter_file_fuzz": 0, "test_config": 0, "test_layer_dispatch": 0,
+    "test_hub": 389, "test_quantized": 268, "test_examples": 190,
+    "test_benchmarks_smoke": 189, "test_mixed_batch": 140, "test_export": 126,
+    "test_docs": 125, "test_distribution": 105, "test_conv": 103,
+    "test_keras_native_save": 90, "test_minilm": 81, "test_cli": 65,
+    "test_embedding": 59, "test_einsum_dense": 57, "test_adapters": 52,
+    "test_init_methods": 41, "test_benchmark_embedding_conv": 41,
+    "test_merge": 41, "test_peft_interop": 35, "test_surgery": 29,
+    "test_fused_kernels": 26, "test_dora": 23, "test_dense": 23,
+    "test_model_io": 21, "test_mixed_precision": 18, "test_clone": 15,
+    "test_loraplus": 13, "test_layer_training": 12, "test_adapter_file": 12,
+    "test_traced_cache": 12, "test_export_worker": 10, "test_multi": 10,
+    "test_weighted": 9, "test_layer_serialization": 8,
+    "test_adapter_file_fuzz": 7, "test_config": 0, "test_layer_dispatch": 0,
 }
 DEFAULT_SECONDS = 10
 
