@@ -111,7 +111,7 @@ _workers = {}  # backend -> _Worker
 class _Worker:
     """One warm process and what it was started with."""
 
-    def __init__(self, backend, env):
+    def __init__(self, env):
         self.start_up = _start_up(env)
         self.modules = {}  # module name -> source mtime when first sent
         self.process = subprocess.Popen(
@@ -182,7 +182,7 @@ def run_job(source, request, backend, modules=()):
         if worker is None or not worker.fits(env, modules):
             if worker is not None:
                 worker.close()
-            worker = _workers[backend] = _Worker(backend, env)
+            worker = _workers[backend] = _Worker(env)
         try:
             status, output = worker.run(source, request, env, modules)
         except BaseException:  # interrupted mid-job: its answer is lost

@@ -344,6 +344,9 @@ def test_dense_targets_give_the_same_count_as_enable_lora():
     )
 
 
+# One backend per run (the backends take turns over the examples, see
+# tests/test_examples.py); what the example shows is tested on all three.
+@pytest.mark.backend("torch")
 def test_causal_lm_example_quick_run_generates_the_same_after_merging():
     result = load_example("causal_lm_generate").main(quick=True)
     assert result["merged_generates_the_same"]

@@ -248,6 +248,9 @@ def test_query_value_counts_vs_keras_hub_enable_lora_on_minilm(minilm):
     ) == 227_328
 
 
+# One backend per run (the backends take turns over the examples, see
+# tests/test_examples.py); what the example shows is tested on all three.
+@pytest.mark.backend("torch")
 def test_example_quick_run_reports_both_accuracies(capsys):
     spec = importlib.util.spec_from_file_location("minilm_example", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
