@@ -120,16 +120,16 @@ class _Worker:
             stderr=subprocess.DEVNULL, text=True,
         )
 
-    def fits(self, env, modules):
-        """Whether a job with `env` and `modules` can run here."""
+    def fits(self, env, stamps):
+        """Whether a job with `env` and module `stamps` can run here."""
         if self.process.poll() is not None or self.start_up != _start_up(env):
             return False
         return all(self.modules.get(name, stamp) == stamp
-                   for name, stamp in _stamps(modules).items())
+                   for name, stamp in stamps.items())
 
-    def run(self, source, request, env, modules):
+    def run(self, source, request, env, stamps):
         """Runs one job; `(exit code, output)`, exit code 0 on success."""
-        self.modules = {**_stamps(modules), **self.modules}
+        self.modules = {**stamps, **self.modules}
         handle, log = tempfile.mkstemp(prefix="keras_lora_export_",
                                        suffix=".log")
         os.close(handle)
@@ -177,14 +177,15 @@ def run_job(source, request, backend, modules=()):
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The worker finds what this process imports (custom classes included).
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    stamps = _stamps(modules)
     with _lock:
         worker = _workers.get(backend)
-        if worker is None or not worker.fits(env, modules):
+        if worker is None or not worker.fits(env, stamps):
             if worker is not None:
                 worker.close()
             worker = _workers[backend] = _Worker(env)
         try:
-            status, output = worker.run(source, request, env, modules)
+            status, output = worker.run(source, request, env, stamps)
         except BaseException:  # interrupted mid-job: its answer is lost
             _workers.pop(backend, None)
             worker.process.kill()
